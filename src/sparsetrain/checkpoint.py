@@ -1,0 +1,67 @@
+"""Crash-safe checkpoint files that never unpickle code.
+
+Writes go to a temporary file in the same directory, are flushed and fsync'ed, then
+``os.replace``-d over the target: a kill at any moment leaves either the old or the new file,
+never a torn one. Loading uses ``torch.load(weights_only=True)``, which rebuilds tensors and
+plain containers only and refuses any other pickled object without executing it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+
+def atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """Atomically write ``obj`` (tensors and plain Python containers only) to ``path``."""
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_json(obj, path: str | Path) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    data = (json.dumps(obj, indent=2, default=float) + "\n").encode()
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`; any problem is a one-line UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe: all the same to the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it contains pickled objects other than tensors (refused, nothing was executed)"
+        raise UsageError(f"checkpoint {path}: cannot be loaded: {reason[:200]}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"checkpoint {path}: not a sparsetrain checkpoint (expected a dict)")
+    return obj

@@ -1,0 +1,161 @@
+"""``sparsetrain`` command line: train, inspect, compare, export.
+
+Every user error is a :class:`~sparsetrain.errors.UsageError`: one line on stderr naming the
+field and the allowed values, exit code 2, no traceback. Subcommands other than ``train`` and
+``inspect`` live in their own modules, which define ``configure_parser(parser)`` and
+``run_cli(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+
+# subcommand -> (module, help); modules are imported lazily so `sparsetrain --help` stays fast
+COMMANDS = {
+    "train": ("sparsetrain.cli", "train a model with one method and write a run directory"),
+    "inspect": ("sparsetrain.cli", "print a run's per-layer sparsity table (and export sizes)"),
+    "compare": ("sparsetrain.compare", "run several methods at several target sparsities, side by side"),
+    "export": ("sparsetrain.export", "export a trained run as dense / compressed / shrunk / sparse"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``train``: general ones, then every method's own options."""
+    from .data import DATASETS
+    from .methods import METHODS
+    from .methods.base import all_options
+    from .models import MODELS
+    from .train import SCHEDULES
+
+    g = p.add_argument_group("run")
+    g.add_argument("--method", default="linbreg", help=f"one of: {', '.join(sorted(METHODS))} (default linbreg)")
+    g.add_argument("--model", default="lenet300", help=f"one of: {', '.join(MODELS)} (default lenet300)")
+    g.add_argument("--data", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)} (default fashion-mnist)")
+    g.add_argument("--data-dir", default=None, help="directory with the dataset's files (default: $SPARSETRAIN_DATA, "
+                   "/usr/share/datasets/NAME, else download)")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", default="cosine", help=f"learning-rate schedule: {', '.join(SCHEDULES)}")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--out", default=None, help="run directory (config, metrics, checkpoint, summary)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--val-fraction", type=float, default=0.0, help="seeded validation split of the training set")
+    g.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples")
+    g.add_argument("--test-subset", type=int, default=None, help="use only the first N test samples")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+    m = p.add_argument_group("method options (each applies to the methods named in its help)")
+    for name, opt in sorted(all_options().items()):
+        users = [k for k, meth in sorted(METHODS.items()) if any(o.name == name for o in meth.options)]
+        kwargs = {"type": opt.type} if opt.type is not bool else {"type": _parse_bool}
+        m.add_argument(opt.flag, dest=f"opt_{name}", default=None, metavar=opt.type.__name__.upper(),
+                       help=f"{opt.help} [{', '.join(users)}]", **kwargs)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError("expected true or false")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .train import TrainConfig
+    opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    fields = {f for f in TrainConfig.__dataclass_fields__ if f != "options"}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, options=opts)
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    summary = train(config_from_args(args))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_layer"}, default=float))
+    else:
+        print(f"test accuracy {summary['test_accuracy']:.4f}  sparsity {summary['sparsity']:.4f}  "
+              f"density {summary['density']:.4f}  compression {summary['compression_ratio']:.1f}x  "
+              f"({summary['wall_seconds']:.1f}s)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .metrics import format_table
+    run = Path(args.run_dir)
+    path = run / "summary.json"
+    if not path.is_file():
+        raise UsageError(f"inspect: {run} has no summary.json (allowed: a finished run directory written by train)")
+    try:
+        s = json.loads(path.read_text())
+        rows = s["per_layer"]
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"inspect: {path} is not a sparsetrain summary ({e})") from None
+    print(f"{s.get('method')} on {s.get('model')}/{s.get('data')}: test accuracy {s['test_accuracy']:.4f}, "
+          f"sparsity {s['sparsity']:.4f}, density {s['density']:.4f}, compression {s['compression_ratio']:.1f}x")
+    if "flops" in s:
+        print(f"MACs per input: dense {s['flops']['dense_macs']:,}, sparse {s['flops']['sparse_macs']:,} "
+              f"({s['flops']['relative']:.4f} of dense)")
+    print(format_table(rows))
+    try:
+        from .export import inspect_exports
+    except ImportError:
+        return 0
+    inspect_exports(run)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = _Parser(prog="sparsetrain", description="Train sparse neural networks by optimization.")
+    p.add_argument("--version", action="version", version=f"sparsetrain {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (module, help) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help, description=help)
+        if name == "train":
+            add_train_arguments(sp)
+            sp.set_defaults(func=cmd_train)
+        elif name == "inspect":
+            sp.add_argument("run_dir", help="a run directory written by `sparsetrain train`")
+            sp.set_defaults(func=cmd_inspect)
+        else:
+            try:
+                mod = importlib.import_module(module)
+            except ImportError:
+                sub._name_parser_map.pop(name, None)
+                sub._choices_actions = [a for a in sub._choices_actions if a.dest != name]
+                continue
+            mod.configure_parser(sp)
+            sp.set_defaults(func=mod.run_cli)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        print(f"sparsetrain: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"sparsetrain: error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("sparsetrain: interrupted; the last finished epoch is saved (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The method registry: how a training method plugs into the trainer without touching it.
+
+A *method* (``dense``, ``linbreg``, ``gmp``, ``halo`` ...) is registered with :func:`register`
+as a builder ``build(model, ctx) -> Strategy``, a help line, a default learning rate and its own
+:class:`Option` s (each becomes a ``--flag`` of ``sparsetrain train``). A :class:`Strategy` owns
+the optimizer and hooks into the plain training loop of :mod:`sparsetrain.train`:
+
+    for epoch in range(strategy.total_epochs(cfg.epochs)):
+        for step, (x, y) in batches:
+            loss = criterion(model(x), y) + strategy.penalty()      # e.g. HALO's penalty
+            loss.backward(); strategy.after_backward(step)          # e.g. RigL reads dense grads
+            strategy.optimizer.step(); strategy.after_step(step)    # e.g. masks, GMP pruning
+        strategy.end_epoch(epoch, trainer)                          # e.g. prune, rewind (IMP)
+    summary |= strategy.finish(trainer)
+
+Everything a strategy must carry over a ``--resume`` goes into ``state_dict()`` (tensors and
+plain Python values only: checkpoints load with ``weights_only=True``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..train import TrainConfig, Trainer
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method's option: ``--{name with dashes}`` on the command line, ``name`` in Python.
+
+    ``valid`` checks a value; ``allowed`` describes the valid values in the error message.
+    """
+    name: str
+    type: type
+    default: Any
+    help: str
+    allowed: str = ""
+    valid: Callable[[Any], bool] | None = None
+    choices: tuple | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value):
+        if value is None:
+            return value
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}")
+        if self.valid is not None and not self.valid(value):
+            raise UsageError(f"{self.flag}: must be {self.allowed}, got {value!r}")
+        return value
+
+
+# Reusable option definitions (methods share flags with the same meaning and type).
+def positive(name, default, help, type=float):
+    return Option(name, type, default, help, "> 0", lambda v: v > 0)
+
+
+def nonnegative(name, default, help, type=float):
+    return Option(name, type, default, help, ">= 0", lambda v: v >= 0)
+
+
+def fraction(name, default, help, allowed="in [0, 1)", valid=lambda v: 0 <= v < 1):
+    return Option(name, float, default, help, allowed, valid)
+
+
+def sparsity_option(default=0.9):
+    return fraction("sparsity", default, "target fraction of zero weights (Linear/Conv weights)")
+
+
+def momentum_option(default):
+    return fraction("momentum", default, "momentum β")
+
+
+@dataclass
+class BuildContext:
+    """What a method's builder gets besides the model."""
+    cfg: "TrainConfig"
+    options: dict[str, Any]
+    steps_per_epoch: int
+    device: torch.device
+    in_shape: tuple[int, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+
+class Strategy:
+    """Default hooks of a method: plain optimizer steps, nothing else."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    def total_epochs(self, epochs: int) -> int:
+        """Epochs the trainer runs in all (e.g. training + fine-tuning)."""
+        return epochs
+
+    def penalty(self) -> torch.Tensor | None:
+        """Extra term added to the loss (None: nothing)."""
+        return None
+
+    def after_backward(self, step: int) -> None:
+        """Called after ``loss.backward()``, before the optimizer step."""
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimizer step (``step`` counts from 0 over the whole run)."""
+
+    def end_epoch(self, epoch: int, trainer: "Trainer") -> None:
+        """Called after epoch ``epoch`` (0-based), before it is evaluated and checkpointed."""
+
+    def log(self) -> dict:
+        """Extra fields for this epoch's line of metrics.jsonl (plain numbers)."""
+        return {}
+
+    def finish(self, trainer: "Trainer") -> dict:
+        """Called once after the last epoch; returns extra fields for summary.json."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Method:
+    name: str
+    help: str
+    build: Callable[[nn.Module, BuildContext], Strategy]
+    lr: float = 0.1
+    options: tuple[Option, ...] = field(default_factory=tuple)
+
+    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
+        """This method's options: given values (checked) over defaults. Options that belong to
+        other methods only are refused with the list of this method's options."""
+        own = {o.name: o for o in self.options}
+        for k, v in given.items():
+            if v is not None and k not in own:
+                names = ", ".join(o.flag for o in self.options) or "none"
+                raise UsageError(f"--{k.replace('_', '-')}: not an option of method {self.name} (its options: {names})")
+        return {k: o.check(given[k]) if given.get(k) is not None else o.default for k, o in own.items()}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, help: str, lr: float = 0.1, options: tuple[Option, ...] = ()):
+    """Decorator: register ``build(model, ctx) -> Strategy`` as method ``name``."""
+    def deco(build):
+        METHODS[name] = Method(name, help, build, lr, tuple(options))
+        return build
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise UsageError(f"--method: unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def all_options() -> dict[str, Option]:
+    """Every method's options by name (the first definition of a shared name wins for help/type)."""
+    out: dict[str, Option] = {}
+    for m in METHODS.values():
+        for o in m.options:
+            if o.name in out and out[o.name].type is not o.type:
+                raise TypeError(f"option {o.name} declared with two types")
+            out.setdefault(o.name, o)
+    return out

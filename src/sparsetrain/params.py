@@ -1,0 +1,71 @@
+"""Which tensors are penalised, and param groups that carry a regularizer.
+
+SPEC §1: the regularized tensors are the weights of Linear and Conv layers; biases and
+normalisation parameters are never penalised unless a user asks for it. Every module of the
+library (metrics, optimizers' groups, HALO, pruning, export) uses this one definition.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+from torch import nn
+
+SPARSE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DistributedDataParallel / DataParallel wrapper."""
+    return getattr(model, "module", model) if isinstance(
+        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, module) of every Linear / Conv layer, in definition order."""
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, SPARSE_MODULES):
+            yield name, module
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(``layer.weight`` name, weight) of every Linear / Conv layer: the tensors that sparsity,
+    density and compression are measured over."""
+    return [(f"{name}.weight" if name else "weight", m.weight) for name, m in sparse_layers(model)]
+
+
+RegSpec = "Regularizer | None | Callable[[str, nn.Module, nn.Parameter], Regularizer | None]"
+
+
+def param_groups(model: nn.Module, reg=None, *, include: str | None = None,
+                 exclude: str | None = None, modules: tuple = SPARSE_MODULES,
+                 other_reg=None, **group_options) -> list[dict]:
+    """Split ``model``'s parameters into a regularized group and an unregularized group.
+
+    A weight is regularized when its module is an instance of ``modules`` (Linear and Conv by
+    default), its qualified name matches ``include`` (a regex, if given) and does not match
+    ``exclude``. ``reg`` is a regularizer or a function ``(name, module, param) -> regularizer``
+    that may return different regularizers per layer (one param group is made per distinct
+    regularizer object). Everything else (biases, norms, excluded layers) goes to a group with
+    ``other_reg`` (None by default). ``group_options`` (lr, delta, ...) are copied into every group.
+    """
+    selector: Callable = reg if callable(reg) and not hasattr(reg, "prox") else (lambda *_: reg)
+    groups: dict[int, dict] = {}
+    rest: list[nn.Parameter] = []
+    for mod_name, module in unwrap(model).named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            chosen = None
+            if (p_name == "weight" and isinstance(module, modules)
+                    and (include is None or re.search(include, full))
+                    and (exclude is None or not re.search(exclude, full))):
+                chosen = selector(full, module, p)
+            if chosen is None:
+                rest.append(p)
+            else:
+                groups.setdefault(id(chosen), {"params": [], "reg": chosen, **group_options})["params"].append(p)
+    out = list(groups.values())
+    if rest:
+        out.append({"params": rest, "reg": other_reg, **group_options})
+    return out

@@ -1,0 +1,313 @@
+"""The training loop: one method (a :class:`~sparsetrain.methods.Strategy`), one model, one run
+directory.
+
+Run directory ``--out``:
+  config.json     the resolved configuration (method options included)
+  metrics.jsonl   one line per epoch: epoch, lr, train_loss, test_loss, test_accuracy,
+                  sparsity, density, seconds (+ method extras, e.g. λ)
+  checkpoint.pt   model, optimizer, scheduler, method state, history — written atomically at the
+                  end of every epoch; ``--resume`` continues from it
+  summary.json    final test_accuracy in [0, 1], sparsity, density, compression_ratio,
+                  per_layer, flops, wall_seconds (+ method extras)
+
+Reproducibility: the model is initialised from ``seed``; epoch e's batch order is drawn from
+``seed`` and e alone, so a resumed run replays exactly the batches of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from . import metrics
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
+from .data import DATASETS, Loaders, TensorLoader, make_loaders
+from .errors import UsageError, check, choice
+from .methods import BuildContext, Strategy, get_method
+from .models import MODELS, build_model
+from . import distributed as dist
+
+SCHEDULES = ("cosine", "step", "plateau", "constant")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "linbreg"
+    model: str = "lenet300"
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float | None = None               # None: the method's default
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)   # step schedule: fractions of training
+    gamma: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    resume: bool = False
+    val_fraction: float = 0.0
+    train_subset: int | None = None
+    test_subset: int | None = None
+    progress: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        method = get_method(self.method)
+        choice(self.model, "--model", MODELS)
+        choice(self.data, "--data", DATASETS)
+        choice(self.schedule, "--schedule", SCHEDULES)
+        check(isinstance(self.epochs, int) and self.epochs > 0, "--epochs", "an integer > 0", self.epochs)
+        check(isinstance(self.batch_size, int) and self.batch_size > 0, "--batch-size", "an integer > 0", self.batch_size)
+        if self.lr is None:
+            self.lr = method.lr
+        check(math.isfinite(self.lr) and self.lr > 0, "--lr", "a number > 0", self.lr)
+        check(self.weight_decay >= 0, "--weight-decay", ">= 0", self.weight_decay)
+        check(0 <= self.val_fraction < 1, "--val-fraction", "in [0, 1)", self.val_fraction)
+        check(0 < self.gamma <= 1, "--gamma", "in (0, 1]", self.gamma)
+        check(all(0 < m < 1 for m in self.milestones), "--milestones", "fractions in (0, 1)", self.milestones)
+        for name in ("train_subset", "test_subset"):
+            v = getattr(self, name)
+            check(v is None or v > 0, "--" + name.replace("_", "-"), "an integer > 0", v)
+        choice(self.device if not self.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda", "mps"))
+        self.options = method.resolve(self.options)
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device: {name} requested but CUDA is not available; allowed here: auto, cpu")
+    if name == "cuda":
+        return torch.device("cuda", dist.local_rank())
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int):
+    """A per-step scheduler for cosine/step/constant, a per-epoch one for plateau."""
+    total = max(1, steps_per_epoch * epochs)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+    if cfg.schedule == "step":
+        marks = [int(m * total) for m in cfg.milestones]
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cfg.gamma ** sum(k >= m for m in marks))
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma, patience=2)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) over ``loader``."""
+    was = model.training
+    model.eval()
+    loss = correct = n = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was)
+    return loss / max(n, 1), correct / max(n, 1)
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but stay usable without it
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+class Trainer:
+    """Runs ``cfg`` to completion; see the module docstring for the run directory."""
+
+    def __init__(self, cfg: TrainConfig, loaders: Loaders | None = None, model: nn.Module | None = None):
+        self.cfg = cfg.validate()
+        self.rank, self.world_size = dist.setup()
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.out) if cfg.out else None
+        if self.out is not None and self.is_main:
+            self._prepare_out_dir()
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.loaders = loaders or make_loaders(cfg.data, cfg.data_dir, cfg.batch_size, cfg.seed,
+                                               cfg.val_fraction, cfg.train_subset, cfg.test_subset,
+                                               rank=self.rank, world_size=self.world_size)
+        info = self.loaders.info
+        self.in_shape = tuple(info.in_shape)
+        self.model = (model or build_model(cfg.model, info.in_shape, info.num_classes)).to(self.device)
+        ctx = BuildContext(cfg, cfg.options, len(self.loaders.train), self.device, self.in_shape)
+        self.strategy: Strategy = get_method(cfg.method).build(self.model, ctx)
+        self.net = dist.wrap(self.model, self.device)     # DDP in a multi-process run
+        self.epochs = self.strategy.total_epochs(cfg.epochs)
+        self.scheduler = make_scheduler(self.strategy.optimizer, cfg, len(self.loaders.train), self.epochs)
+        self.step = 0
+        self.start_epoch = 0
+        self.history: list[dict] = []
+        self.wall = 0.0
+
+    # ------------------------------------------------------------------ run directory
+    def _prepare_out_dir(self) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out: {out} exists and is not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_bytes(b"0" * 4096)
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(f"--out: {out} is not writable ({e.strerror or e})") from None
+        if (out / CHECKPOINT).exists() and not self.cfg.resume:
+            raise UsageError(f"--out: {out} already holds a run; pass --resume to continue it or choose another --out")
+
+    def state_dict(self) -> dict:
+        return {"epoch": len(self.history), "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.strategy.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "strategy": self.strategy.state_dict(), "history": self.history, "wall": self.wall,
+                "rng": torch.get_rng_state(), "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, ck: dict) -> None:
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.strategy.load_state_dict(ck.get("strategy", {}))
+            self.strategy.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.step, self.history, self.wall = ck["step"], list(ck["history"]), ck.get("wall", 0.0)
+            self.start_epoch = ck["epoch"]
+            torch.set_rng_state(ck["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UsageError(f"--resume: checkpoint does not match this run ({str(e).splitlines()[0][:160]})") from None
+
+    def _maybe_resume(self) -> None:
+        if not (self.cfg.resume and self.out is not None and (self.out / CHECKPOINT).exists()):
+            return
+        ck = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
+        old = ck.get("config", {})
+        for key in ("method", "model", "data", "seed", "batch_size", "epochs"):
+            if key in old and old[key] != getattr(self.cfg, key):
+                raise UsageError(f"--resume: --{key.replace('_', '-')} differs from the run in {self.out} "
+                                 f"({getattr(self.cfg, key)!r} vs {old[key]!r}); allowed: the original value")
+        self.load_state_dict(ck)
+
+    # ------------------------------------------------------------------ loop
+    def evaluate(self, loader: TensorLoader | None = None) -> tuple[float, float]:
+        return evaluate(self.model, loader or self.loaders.test, self.device)
+
+    def train_epoch(self, epoch: int) -> float:
+        model, strat, opt = self.net, self.strategy, self.strategy.optimizer
+        model.train()
+        self.loaders.train.set_epoch(epoch)
+        total, n = 0.0, 0
+        bar = _progress(self.loaders.train, len(self.loaders.train), f"epoch {epoch + 1}/{self.epochs}",
+                        self.cfg.progress and self.is_main)
+        for x, y in bar:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            extra = strat.penalty()
+            full = loss if extra is None else loss + extra
+            value = full.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {self.step} (epoch {epoch + 1}); "
+                                         f"the last good checkpoint is kept; try a smaller --lr")
+            opt.zero_grad(set_to_none=True)
+            full.backward()
+            strat.after_backward(self.step)
+            opt.step()
+            strat.after_step(self.step)
+            if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step()
+            self.step += 1
+            total += value * len(y)
+            n += len(y)
+            if hasattr(bar, "set_postfix") and self.step % 20 == 0:
+                bar.set_postfix(loss=f"{value:.3f}")
+        return total / max(n, 1)
+
+    def run(self) -> dict:
+        self._maybe_resume()
+        if self.out is not None and self.is_main:
+            write_json(self.cfg.to_dict(), self.out / "config.json")
+        for epoch in range(self.start_epoch, self.epochs):
+            t0 = time.perf_counter()
+            lr = self.strategy.optimizer.param_groups[0]["lr"]
+            train_loss = self.train_epoch(epoch)
+            self.strategy.end_epoch(epoch, self)
+            test_loss, test_acc = self.evaluate()
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                val = self.evaluate(self.loaders.val)[1] if self.loaders.val is not None else test_acc
+                self.scheduler.step(val)
+            seconds = time.perf_counter() - t0
+            self.wall += seconds
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "test_loss": test_loss,
+                   "test_accuracy": test_acc, "sparsity": metrics.sparsity(self.model),
+                   "density": metrics.density(self.model), "seconds": round(seconds, 3), **self.strategy.log()}
+            if self.loaders.val is not None:
+                row["val_accuracy"] = self.evaluate(self.loaders.val)[1]
+            self.history.append(row)
+            if self.is_main:
+                self._log(row)
+                if self.out is not None:
+                    save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
+                    self._write_metrics()
+        return self.finish()
+
+    def finish(self) -> dict:
+        extras = self.strategy.finish(self)
+        test_loss, test_acc = self.evaluate()
+        summary = {"method": self.cfg.method, "model": self.cfg.model, "data": self.cfg.data,
+                   "epochs": self.epochs, "test_accuracy": test_acc, "test_loss": test_loss,
+                   **metrics.summary(self.model, self.in_shape), "wall_seconds": round(self.wall, 2),
+                   "options": self.cfg.options, **extras}
+        if self.out is not None and self.is_main:
+            write_json(summary, self.out / "summary.json")
+        dist.teardown()
+        return summary
+
+    def _write_metrics(self) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in self.history).encode()
+        atomic_write(self.out / "metrics.jsonl", lambda f: f.write(text))
+
+    def _log(self, row: dict) -> None:
+        if self.cfg.progress:
+            print(f"epoch {row['epoch']:>3}/{self.epochs}  loss {row['train_loss']:.4f}  "
+                  f"test acc {row['test_accuracy']:.4f}  sparsity {row['sparsity']:.4f}  "
+                  f"({row['seconds']:.1f}s)", flush=True)
+
+
+def train(cfg: TrainConfig | None = None, *, loaders: Loaders | None = None,
+          model: nn.Module | None = None, **kwargs) -> dict:
+    """Train and return the summary; ``train(method="linbreg", epochs=5, out="runs/x")``."""
+    cfg = cfg or TrainConfig(**kwargs)
+    return Trainer(cfg, loaders, model).run()
