@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))            # mkstemp's 0600 -> the file's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -39,6 +41,16 @@ def atomic_write(path: Path, write) -> None:
         pass
 
 
+def _file_mode(path: Path) -> int:
+    """The mode of the file being replaced, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     """Atomically write ``obj`` (tensors and plain Python containers only) to ``path``."""
     atomic_write(Path(path), lambda f: torch.save(obj, f))
@@ -54,14 +66,22 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`; any problem is a one-line UsageError."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"checkpoint {path}: no such file")
+        raise UsageError(f"checkpoint {path}: no such file; allowed: a checkpoint.pt written by sparsetrain train")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe: all the same to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it contains pickled objects other than tensors (refused, nothing was executed)"
-        raise UsageError(f"checkpoint {path}: cannot be loaded: {reason[:200]}") from None
+        text = str(e)
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)|([\w.]+) was not an allowed global", text)
+        if unsafe:
+            reason = (f"it contains pickled objects other than tensors ({unsafe.group(1) or unsafe.group(2)}; "
+                      f"refused, nothing was executed)")
+        else:
+            detail = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else text
+            detail = (detail.strip().splitlines() or [type(e).__name__])[0].strip() or type(e).__name__
+            reason = f"corrupt or truncated ({type(e).__name__}: {detail[:120]})"
+        raise UsageError(f"checkpoint {path}: cannot be loaded: {reason[:200]}; allowed: a checkpoint.pt "
+                         f"written by sparsetrain train") from None
     if not isinstance(obj, dict):
-        raise UsageError(f"checkpoint {path}: not a sparsetrain checkpoint (expected a dict)")
+        raise UsageError(f"checkpoint {path}: not a sparsetrain checkpoint (expected a dict of tensors and "
+                         f"plain values, got {type(obj).__name__}); allowed: a checkpoint.pt written by sparsetrain train")
     return obj

@@ -1,15 +1,24 @@
 """``sparsetrain`` command line: train, inspect, compare, export.
 
 Every user error is a :class:`~sparsetrain.errors.UsageError`: one line on stderr naming the
-field and the allowed values, exit code 2, no traceback. Subcommands other than ``train`` and
-``inspect`` live in their own modules, which define ``configure_parser(parser)`` and
-``run_cli(args) -> int``.
+field and the allowed values, exit code 2, no traceback.
+
+Exit codes: 0 done; 2 bad input (flags, --config file, data, checkpoint, unwritable or full
+--out); 3 training diverged (a NaN/inf loss: one line naming the step; the last good checkpoint
+is kept); 130 interrupted (Ctrl-C; the last finished epoch is kept, continue with --resume).
+Under ``torchrun`` every rank exits with the same code and one rank prints the message (torchrun
+itself then reports the failed workers and exits 1).
+
+Subcommands other than ``train`` and ``inspect`` live in their own modules, which define
+``configure_parser(parser)`` and ``run_cli(args) -> int``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +35,10 @@ COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.split()[1:]
+        if message.startswith("unrecognized arguments"):
+            message += f"; allowed: the flags listed by `{self.prog if command else 'sparsetrain COMMAND'} --help`"
+        raise UsageError(f"{command[0]}: {message}" if command else message)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +50,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .train import SCHEDULES
 
     g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, metavar="FILE.json",
+                   help="JSON object of train settings (the flags below without dashes, e.g. "
+                        '{"method": "gmp", "epochs": 5, "sparsity": 0.9}); flags given here override it')
     g.add_argument("--method", default="linbreg", help=f"one of: {', '.join(sorted(METHODS))} (default linbreg)")
     g.add_argument("--model", default="lenet300", help=f"one of: {', '.join(MODELS)} (default lenet300)")
     g.add_argument("--data", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)} (default fashion-mnist)")
@@ -48,6 +63,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--schedule", default="cosine", help=f"learning-rate schedule: {', '.join(SCHEDULES)}")
+    g.add_argument("--milestones", type=_parse_fractions, default=(0.5, 0.75), metavar="F,F,...",
+                   help="step schedule: fractions of training where the lr is multiplied by --gamma (default 0.5,0.75)")
+    g.add_argument("--gamma", type=float, default=0.1, help="step/plateau schedule: lr factor (default 0.1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--out", default=None, help="run directory (config, metrics, checkpoint, summary)")
@@ -65,6 +83,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{opt.help} [{', '.join(users)}]", **kwargs)
 
 
+def _parse_fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.5,0.75") from None
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -74,15 +99,108 @@ def _parse_bool(text: str) -> bool:
 
 
 def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of parsed ``train`` flags over the ``--config`` file's values (if any)."""
     from .train import TrainConfig
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     fields = {f for f in TrainConfig.__dataclass_fields__ if f != "options"}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, options=opts)
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if getattr(args, "config", None):
+        file_values, file_opts = load_config_file(args.config)
+        given = getattr(args, "explicit", set())       # flags typed on the command line win
+        values.update({k: v for k, v in file_values.items() if k not in given})
+        opts = {**file_opts, **opts}
+    return TrainConfig(**values, options=opts)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_value(where: str, key: str, value, kind, nullable: bool):
+    if value is None and nullable:
+        return None
+    if kind is tuple:                                   # milestones: a list of numbers
+        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return tuple(float(v) for v in value)
+        raise UsageError(f"{where}: {key} must be a list of numbers, got {json.dumps(value)}")
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool)}.get(kind)
+    if ok is not None and not ok(value):
+        raise UsageError(f"{where}: {key} must be {_TYPE_NAMES[kind]}{' or null' if nullable else ''}, "
+                         f"got {json.dumps(value)}")
+    return float(value) if kind is float else value
+
+
+def load_config_file(path: str) -> tuple[dict, dict]:
+    """(TrainConfig fields, method options) of a ``--config`` JSON file, type-checked.
+
+    Keys are TrainConfig fields and method options (dashes or underscores), or ``options``: an
+    object of method options. Unknown keys and wrong types are one-line errors."""
+    from .methods.base import all_options
+    from .train import TrainConfig
+    where = f"--config {path}"
+    try:
+        text = open(path, "rb").read().decode("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--config: {path}: no such file; allowed: a JSON file of train settings") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config: {path}: unreadable ({getattr(e, 'strerror', None) or e}); "
+                         f"allowed: a UTF-8 JSON file of train settings") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{where}: not valid JSON ({getattr(e, 'msg', e)} at line {getattr(e, 'lineno', '?')}); "
+                         f"allowed: a JSON object such as {{\"method\": \"dense\", \"epochs\": 5}}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: must be a JSON object of settings, got {type(raw).__name__}; "
+                         f"allowed: e.g. {{\"method\": \"dense\", \"epochs\": 5}}")
+    kinds = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "options":
+            continue
+        ann = str(f.type)
+        base = ann.split("|")[0].strip()
+        kind = tuple if base.startswith("tuple") else {"int": int, "float": float, "str": str, "bool": bool}.get(base)
+        kinds[f.name] = (kind, "None" in ann)
+    options = {name: (o.type, True) for name, o in all_options().items()}
+    allowed = sorted(kinds) + sorted(options) + ["options"]
+    values, opts = {}, {}
+
+    def unknown(key):
+        return UsageError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+
+    items = [(str(k).replace("-", "_"), v) for k, v in raw.items()]
+    nested = [(k, v) for k, v in items if k == "options"]
+    for _, sub in nested:
+        if not isinstance(sub, dict):
+            raise UsageError(f"{where}: options must be an object of method options, got {json.dumps(sub)}")
+        items += [(str(k).replace("-", "_"), v) for k, v in sub.items()]
+    for key, value in items:
+        if key == "options":
+            continue
+        if key in kinds:
+            values[key] = _check_value(where, key, value, *kinds[key])
+        elif key in options:
+            opts[key] = _check_value(where, key, value, *options[key])
+        else:
+            raise unknown(key)
+    return values, opts
+
+
+def _explicit_train_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the ``train`` flags typed in ``argv`` (not filled in by defaults)."""
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for a in sub.choices["train"]._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
 
 
 def cmd_train(args) -> int:
     from .train import train
     summary = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) != 0:      # under torchrun: rank 0 prints the summary
+        return 0
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "per_layer"}, default=float))
     else:
@@ -102,7 +220,8 @@ def cmd_inspect(args) -> int:
         s = json.loads(path.read_text())
         rows = s["per_layer"]
     except (ValueError, KeyError) as e:
-        raise UsageError(f"inspect: {path} is not a sparsetrain summary ({e})") from None
+        raise UsageError(f"inspect: {path} is not a sparsetrain summary ({e}); "
+                         f"allowed: a finished run directory written by train") from None
     print(f"{s.get('method')} on {s.get('model')}/{s.get('data')}: test accuracy {s['test_accuracy']:.4f}, "
           f"sparsity {s['sparsity']:.4f}, density {s['density']:.4f}, compression {s['compression_ratio']:.1f}x")
     if "flops" in s:
@@ -133,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             try:
                 mod = importlib.import_module(module)
+                if not (hasattr(mod, "configure_parser") and hasattr(mod, "run_cli")):
+                    raise ImportError(f"{module} is not a subcommand module (yet)")
             except ImportError:
                 sub._name_parser_map.pop(name, None)
                 sub._choices_actions = [a for a in sub._choices_actions if a.dest != name]
@@ -145,12 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "config", None):
+            args.explicit = _explicit_train_flags(argv)
         return args.func(args)
     except UsageError as e:
-        print(f"sparsetrain: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):           # quiet: another rank reports the same error
+            print(f"sparsetrain: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
-        print(f"sparsetrain: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):
+            print(f"sparsetrain: error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("sparsetrain: interrupted; the last finished epoch is saved (continue with --resume)", file=sys.stderr)

@@ -75,7 +75,8 @@ def _open(path: Path) -> bytes:
             try:
                 return gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
             except (OSError, EOFError) as e:
-                raise UsageError(f"data file {p}: unreadable ({e}); delete it and fetch it again") from None
+                raise UsageError(f"data file {p}: unreadable ({e}); allowed: the dataset's original file "
+                                 f"(delete it and fetch it again)") from None
     raise FileNotFoundError(path)
 
 
@@ -83,12 +84,14 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): magic 0x00 0x00 <dtype> <ndim>, big-endian dims."""
     raw = _open(Path(path))
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UsageError(f"data file {path}: not an unsigned-byte IDX file")
+        raise UsageError(f"data file {path}: not an unsigned-byte IDX file; allowed: the dataset's original "
+                         f"IDX files (optionally gzipped)")
     ndim = raw[3]
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise UsageError(f"data file {path}: truncated (expected {int(np.prod(dims))} values, found {data.size})")
+        raise UsageError(f"data file {path}: truncated (expected {int(np.prod(dims))} values, found {data.size}); "
+                         f"allowed: a complete IDX file (delete it and fetch it again)")
     return data.reshape(dims)
 
 
@@ -150,7 +153,8 @@ def locate(name: str, data_dir: str | None = None, download: bool = True) -> Pat
     """The directory holding ``name``'s files, downloading them if needed and possible."""
     info = dataset_info(name)
     if data_dir is not None and not Path(data_dir).is_dir():
-        raise UsageError(f"--data-dir: {data_dir} is not a readable directory")
+        raise UsageError(f"--data-dir: {data_dir} is not a readable directory; allowed: a directory holding "
+                         f"the dataset's files")
     for d in _candidates(info, data_dir):
         if d.is_dir() and _has_files(d, info):
             return d
@@ -175,7 +179,8 @@ def load_arrays(name: str, data_dir: str | None = None, download: bool = True):
         xs = [read_idx(d / f) for f in info.files]
         xtr, ytr, xte, yte = xs[0][:, None], xs[1].astype(np.int64), xs[2][:, None], xs[3].astype(np.int64)
         if len(xtr) != len(ytr) or len(xte) != len(yte):
-            raise UsageError(f"--data-dir {d}: image and label counts differ")
+            raise UsageError(f"--data-dir {d}: image and label counts differ ({len(xtr)}/{len(ytr)} train, "
+                             f"{len(xte)}/{len(yte)} test); allowed: matching image and label files")
         return xtr, ytr, xte, yte
     if name == "cifar10":
         parts = [read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6) if (d / f"data_batch_{i}").exists()]
@@ -236,10 +241,12 @@ class TensorLoader:
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
         order = torch.randperm(len(self.x), generator=g) if self.shuffle else torch.arange(len(self.x))
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
-            xb = self.x[idx]
-            if self.augment:
-                xb = augment_crop_flip(xb, g)
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = batch[self.rank::self.world_size]
+            if self.augment:   # augment the global batch, then shard: the same draws on every rank
+                xb = augment_crop_flip(self.x[batch], g)[self.rank::self.world_size]
+            else:
+                xb = self.x[idx]
             yield xb, self.y[idx]
 
 
@@ -272,3 +279,41 @@ def make_loaders(name: str = "fashion-mnist", data_dir: str | None = None, batch
                          augment=info.augment, rank=rank, world_size=world_size)
     val = TensorLoader(x_all[val_idx], y_all[val_idx], eval_batch_size) if n_val else None
     return Loaders(train, val, TensorLoader(x_test, y_test, eval_batch_size), info)
+
+
+class UserLoader:
+    """Wraps a user's ``Dataset`` (batched, seeded per epoch) or ``DataLoader`` (used as is)."""
+
+    def __init__(self, data, batch_size: int, shuffle: bool, seed: int = 0):
+        from torch.utils.data import DataLoader
+        self.seed, self.generator = seed, None
+        if isinstance(data, DataLoader):
+            self.loader = data
+        else:
+            self.generator = torch.Generator().manual_seed(seed)
+            self.loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=self.generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed * 1000003 + epoch)
+        if hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
+            self.loader.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def user_loaders(train, test, batch_size: int = 128, seed: int = 0, num_classes: int | None = None,
+                 name: str = "custom") -> Loaders:
+    """Loaders over any map-style ``Dataset`` or ready ``DataLoader`` of ``(x, label)`` pairs.
+
+    ``num_classes`` defaults to 1 + the largest label of ``test`` (scanned once)."""
+    test_loader = UserLoader(test, 1000, shuffle=False)
+    x0, _ = next(iter(test_loader))
+    if num_classes is None:
+        num_classes = 1 + max(int(y.max()) for _, y in test_loader)
+    info = DatasetInfo(name, tuple(x0.shape[1:]), num_classes, (), (), (), "")
+    return Loaders(UserLoader(train, batch_size, shuffle=True, seed=seed), None, test_loader, info)

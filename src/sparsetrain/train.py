@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
-from .data import DATASETS, Loaders, TensorLoader, make_loaders
+from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
 from .methods import BuildContext, Strategy, get_method
 from .models import MODELS, build_model
@@ -65,10 +66,11 @@ class TrainConfig:
     progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self, custom_data: bool = False) -> "TrainConfig":
         method = get_method(self.method)
         choice(self.model, "--model", MODELS)
-        choice(self.data, "--data", DATASETS)
+        if not custom_data:
+            choice(self.data, "--data", DATASETS)
         choice(self.schedule, "--schedule", SCHEDULES)
         check(isinstance(self.epochs, int) and self.epochs > 0, "--epochs", "an integer > 0", self.epochs)
         check(isinstance(self.batch_size, int) and self.batch_size > 0, "--batch-size", "an integer > 0", self.batch_size)
@@ -110,15 +112,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int):
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, epochs: int,
+                   schedule: str | None = None):
     """A per-step scheduler for cosine/step/constant, a per-epoch one for plateau."""
     total = max(1, steps_per_epoch * epochs)
-    if cfg.schedule == "cosine":
+    schedule = schedule or cfg.schedule
+    if schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
-    if cfg.schedule == "step":
+    if schedule == "step":
         marks = [int(m * total) for m in cfg.milestones]
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: cfg.gamma ** sum(k >= m for m in marks))
-    if cfg.schedule == "plateau":
+    if schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma, patience=2)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
 
@@ -153,25 +157,32 @@ class Trainer:
     """Runs ``cfg`` to completion; see the module docstring for the run directory."""
 
     def __init__(self, cfg: TrainConfig, loaders: Loaders | None = None, model: nn.Module | None = None):
-        self.cfg = cfg.validate()
-        self.rank, self.world_size = dist.setup()
+        self.cfg = cfg.validate(custom_data=loaders is not None)
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world_size = dist.setup(self.device)
         self.is_main = self.rank == 0
         self.out = Path(cfg.out) if cfg.out else None
-        if self.out is not None and self.is_main:
-            self._prepare_out_dir()
-        self.device = resolve_device(cfg.device)
+        if self.out is not None:   # rank 0 alone touches --out; a failure there stops every rank
+            dist.agree(self._prepare_out_dir if self.is_main else None)
         seed_everything(cfg.seed)
-        self.loaders = loaders or make_loaders(cfg.data, cfg.data_dir, cfg.batch_size, cfg.seed,
-                                               cfg.val_fraction, cfg.train_subset, cfg.test_subset,
-                                               rank=self.rank, world_size=self.world_size)
+        if loaders is None:        # every rank reads the data (on every node): agree on failures
+            box = {}
+            dist.agree(lambda: box.setdefault("loaders", make_loaders(
+                cfg.data, cfg.data_dir, cfg.batch_size, cfg.seed, cfg.val_fraction, cfg.train_subset,
+                cfg.test_subset, rank=self.rank, world_size=self.world_size)))
+            loaders = box["loaders"]
+        self.loaders = loaders
         info = self.loaders.info
         self.in_shape = tuple(info.in_shape)
         self.model = (model or build_model(cfg.model, info.in_shape, info.num_classes)).to(self.device)
         ctx = BuildContext(cfg, cfg.options, len(self.loaders.train), self.device, self.in_shape)
         self.strategy: Strategy = get_method(cfg.method).build(self.model, ctx)
         self.net = dist.wrap(self.model, self.device)     # DDP in a multi-process run
+        if self.out is not None:
+            dist.agree(self._check_free_space if self.is_main else None)
         self.epochs = self.strategy.total_epochs(cfg.epochs)
-        self.scheduler = make_scheduler(self.strategy.optimizer, cfg, len(self.loaders.train), self.epochs)
+        self.scheduler = make_scheduler(self.strategy.optimizer, cfg, len(self.loaders.train), self.epochs,
+                                        "constant" if self.strategy.schedules_lr else None)
         self.step = 0
         self.start_epoch = 0
         self.history: list[dict] = []
@@ -181,16 +192,36 @@ class Trainer:
     def _prepare_out_dir(self) -> None:
         out = self.out
         if out.exists() and not out.is_dir():
-            raise UsageError(f"--out: {out} exists and is not a directory")
+            raise UsageError(f"--out: {out} exists and is not a directory; allowed: a new directory or a run directory")
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write-test"
             probe.write_bytes(b"0" * 4096)
             probe.unlink()
         except OSError as e:
-            raise UsageError(f"--out: {out} is not writable ({e.strerror or e})") from None
+            raise UsageError(f"--out: {out} is not writable ({e.strerror or e}); allowed: a writable directory") from None
         if (out / CHECKPOINT).exists() and not self.cfg.resume:
-            raise UsageError(f"--out: {out} already holds a run; pass --resume to continue it or choose another --out")
+            raise UsageError(f"--out: {out} already holds a run; allowed: --resume to continue it, or another --out")
+        for name in (CHECKPOINT, "metrics.jsonl", "config.json", "summary.json"):
+            for stale in out.glob(f".{name}.*.tmp"):    # left by a write that was killed
+                stale.unlink(missing_ok=True)
+
+    def _check_free_space(self) -> None:
+        """Refuse to start when --out's disk cannot hold the checkpoints (model, optimizer and
+        method state, written next to the previous one)."""
+        need = 3 * sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) + 2**20
+        free = shutil.disk_usage(self.out).free
+        if free < need:
+            raise UsageError(f"--out: {self.out} has {free / 2**20:.1f} MiB free but this run's checkpoints "
+                             f"need about {need / 2**20:.1f} MiB; allowed: a directory on a disk with room")
+
+    def _write(self, path: Path, fn) -> None:
+        """Write a file of the run directory; an OSError (disk full, ...) becomes a one-line error."""
+        try:
+            fn()
+        except OSError as e:
+            raise UsageError(f"--out: cannot write {path} ({e.strerror or e}); the last good checkpoint "
+                             f"is kept; free space and continue with --resume") from None
 
     def state_dict(self) -> dict:
         return {"epoch": len(self.history), "step": self.step, "model": self.model.state_dict(),
@@ -206,20 +237,36 @@ class Trainer:
             self.scheduler.load_state_dict(ck["scheduler"])
             self.step, self.history, self.wall = ck["step"], list(ck["history"]), ck.get("wall", 0.0)
             self.start_epoch = ck["epoch"]
-            torch.set_rng_state(ck["rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise UsageError(f"--resume: checkpoint does not match this run ({str(e).splitlines()[0][:160]})") from None
+            torch.set_rng_state(ck["rng"].cpu())
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+            reason = (f"no {e.args[0]!r} entry" if isinstance(e, KeyError) and e.args
+                      else (str(e).splitlines() or [type(e).__name__])[0][:160])
+            raise UsageError(f"--resume: checkpoint does not match this run ({reason}); allowed: the checkpoint "
+                             f"of a run with the same --method, --model and options") from None
 
     def _maybe_resume(self) -> None:
-        if not (self.cfg.resume and self.out is not None and (self.out / CHECKPOINT).exists()):
+        if not (self.cfg.resume and self.out is not None):
             return
-        ck = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
-        old = ck.get("config", {})
-        for key in ("method", "model", "data", "seed", "batch_size", "epochs"):
-            if key in old and old[key] != getattr(self.cfg, key):
-                raise UsageError(f"--resume: --{key.replace('_', '-')} differs from the run in {self.out} "
-                                 f"({getattr(self.cfg, key)!r} vs {old[key]!r}); allowed: the original value")
-        self.load_state_dict(ck)
+        box = {}
+
+        def read():   # rank 0 only: the run directory may exist on its node alone
+            if not (self.out / CHECKPOINT).exists():
+                return
+            ck = load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
+            old = ck.get("config", {})
+            old = old if isinstance(old, dict) else {}
+            for key in ("method", "model", "data", "seed", "batch_size", "epochs"):
+                if key in old and old[key] != getattr(self.cfg, key):
+                    raise UsageError(f"--resume: --{key.replace('_', '-')} differs from the run in {self.out} "
+                                     f"({getattr(self.cfg, key)!r} vs {old[key]!r}); allowed: the original value")
+            box["ck"] = ck
+
+        dist.agree(read if self.is_main else None)
+        ck = dist.broadcast_object(box.get("ck"))
+        if ck is None:
+            return
+        ck = {k: v if k == "rng" else _to_device(v, self.device) for k, v in ck.items()}
+        dist.agree(lambda: self.load_state_dict(ck))
 
     # ------------------------------------------------------------------ loop
     def evaluate(self, loader: TensorLoader | None = None) -> tuple[float, float]:
@@ -227,6 +274,11 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> float:
         model, strat, opt = self.net, self.strategy, self.strategy.optimizer
+        multi = dist.is_multi()
+        # parameters the optimizer steps that DDP does not see (e.g. HALO's scales): their
+        # gradients are averaged over ranks by hand, so that every rank takes the same step
+        in_ddp = {id(p) for p in self.model.parameters()}
+        outside_ddp = [p for g in opt.param_groups for p in g["params"] if id(p) not in in_ddp] if multi else []
         model.train()
         self.loaders.train.set_epoch(epoch)
         total, n = 0.0, 0
@@ -234,35 +286,53 @@ class Trainer:
                         self.cfg.progress and self.is_main)
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            count = len(y)
+            if multi:
+                # this rank's share of the global batch's mean loss: DDP averages gradients over
+                # ranks, which then gives the single-process step even for unequal shards
+                ce = F.cross_entropy(model(x), y, reduction="sum")
+                stats = dist.all_reduce_sum(torch.stack([ce.detach().double(), ce.new_tensor(count, dtype=torch.float64)]))
+                count = int(stats[1].item())
+                loss = ce * (self.world_size / count)
+                ce_value = (stats[0] / stats[1]).item()        # the global batch's loss, on every rank
+            else:
+                loss = F.cross_entropy(model(x), y)
             extra = strat.penalty()
             full = loss if extra is None else loss + extra
-            value = full.item()
+            value = full.item() if not multi else ce_value + (0.0 if extra is None else extra.item())
             if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {self.step} (epoch {epoch + 1}); "
+                err = FloatingPointError(f"loss is {value} at step {self.step} (epoch {epoch + 1}); "
                                          f"the last good checkpoint is kept; try a smaller --lr")
+                err.quiet = not self.is_main          # every rank stops here; rank 0 reports it
+                raise err
             opt.zero_grad(set_to_none=True)
             full.backward()
+            dist.average_gradients(outside_ddp)
             strat.after_backward(self.step)
             opt.step()
             strat.after_step(self.step)
             if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step()
             self.step += 1
-            total += value * len(y)
-            n += len(y)
+            total += value * count
+            n += count
             if hasattr(bar, "set_postfix") and self.step % 20 == 0:
                 bar.set_postfix(loss=f"{value:.3f}")
         return total / max(n, 1)
 
     def run(self) -> dict:
         self._maybe_resume()
-        if self.out is not None and self.is_main:
-            write_json(self.cfg.to_dict(), self.out / "config.json")
+        if self.out is not None:
+            dist.agree((lambda: self._write(self.out / "config.json", lambda: write_json(
+                self.cfg.to_dict(), self.out / "config.json"))) if self.is_main else None)
+            if self.history:   # resumed: metrics.jsonl may lag the checkpoint (a kill between the two)
+                dist.agree((lambda: self._write(self.out / "metrics.jsonl", self._write_metrics))
+                           if self.is_main else None)
         for epoch in range(self.start_epoch, self.epochs):
             t0 = time.perf_counter()
             lr = self.strategy.optimizer.param_groups[0]["lr"]
             train_loss = self.train_epoch(epoch)
+            dist.broadcast_buffers(self.model)   # e.g. BatchNorm statistics: rank 0's, as DDP does
             self.strategy.end_epoch(epoch, self)
             test_loss, test_acc = self.evaluate()
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -276,12 +346,25 @@ class Trainer:
             if self.loaders.val is not None:
                 row["val_accuracy"] = self.evaluate(self.loaders.val)[1]
             self.history.append(row)
+            if dist.is_multi():
+                dist.check_in_sync(self._state_tensors())
             if self.is_main:
                 self._log(row)
-                if self.out is not None:
-                    save_checkpoint(self.state_dict(), self.out / CHECKPOINT)
-                    self._write_metrics()
+            if self.out is not None:
+                dist.agree(self._save if self.is_main else None)
         return self.finish()
+
+    def _save(self) -> None:
+        self._write(self.out / CHECKPOINT, lambda: save_checkpoint(self.state_dict(), self.out / CHECKPOINT))
+        self._write(self.out / "metrics.jsonl", self._write_metrics)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor that must be equal on all ranks: weights and buffers, optimizer and method state."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, obj in (("model", self.model.state_dict()), ("optimizer", self.strategy.optimizer.state_dict()),
+                            ("strategy", self.strategy.state_dict())):
+            _flatten_tensors(prefix, obj, out)
+        return out
 
     def finish(self) -> dict:
         extras = self.strategy.finish(self)
@@ -290,8 +373,9 @@ class Trainer:
                    "epochs": self.epochs, "test_accuracy": test_acc, "test_loss": test_loss,
                    **metrics.summary(self.model, self.in_shape), "wall_seconds": round(self.wall, 2),
                    "options": self.cfg.options, **extras}
-        if self.out is not None and self.is_main:
-            write_json(summary, self.out / "summary.json")
+        if self.out is not None:
+            dist.agree((lambda: self._write(self.out / "summary.json", lambda: write_json(
+                summary, self.out / "summary.json"))) if self.is_main else None)
         dist.teardown()
         return summary
 
@@ -306,8 +390,39 @@ class Trainer:
                   f"({row['seconds']:.1f}s)", flush=True)
 
 
-def train(cfg: TrainConfig | None = None, *, loaders: Loaders | None = None,
-          model: nn.Module | None = None, **kwargs) -> dict:
-    """Train and return the summary; ``train(method="linbreg", epochs=5, out="runs/x")``."""
+def _to_device(obj, device: torch.device):
+    """``obj`` with every tensor inside (dicts, lists, tuples) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _flatten_tensors(prefix: str, obj, out: dict) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten_tensors(f"{prefix}.{k}", v, out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _flatten_tensors(f"{prefix}.{i}", v, out)
+
+
+def train(cfg: TrainConfig | None = None, *, loaders: Loaders | None = None, model: nn.Module | None = None,
+          train_data=None, test_data=None, **kwargs) -> dict:
+    """Train and return the summary.
+
+    ``train(method="linbreg", epochs=5, out="runs/x")`` trains on a built-in dataset;
+    ``train(train_data=ds_or_loader, test_data=..., model=net, method="adabreg")`` on the user's
+    own ``Dataset``/``DataLoader`` objects."""
     cfg = cfg or TrainConfig(**kwargs)
+    if train_data is not None:
+        if test_data is None:
+            raise UsageError("test_data: required when train_data is given (a Dataset or DataLoader)")
+        loaders = user_loaders(train_data, test_data, cfg.batch_size, cfg.seed)
+        cfg.data = loaders.info.name
     return Trainer(cfg, loaders, model).run()

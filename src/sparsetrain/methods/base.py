@@ -94,7 +94,12 @@ class BuildContext:
 
 
 class Strategy:
-    """Default hooks of a method: plain optimizer steps, nothing else."""
+    """Default hooks of a method: plain optimizer steps, nothing else.
+
+    ``schedules_lr = True`` tells the trainer that the optimizer follows its own step-size
+    schedule (xRDA), so the trainer's learning-rate schedule stays constant."""
+
+    schedules_lr = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model

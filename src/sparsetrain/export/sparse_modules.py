@@ -1,0 +1,284 @@
+"""Layers that multiply by a ``torch.sparse`` CSR weight, chosen per layer only where faster.
+
+:class:`SparseLinear` keeps the weight as CSR with int32 indices (MKL's native index type: int64
+indices are converted on every call) and computes
+
+* batch 1: ``torch.mv(W_csr, x)`` — the sparse matrix-vector product reads only the nonzeros;
+* batch B > 1: ``torch.addmm(b, W_csr, xᵀ)ᵀ`` — sparse weight times the transposed input, whose
+  result is returned as a transposed view; the next SparseLinear then finds its ``xᵀ`` already
+  contiguous, so a chain of sparse layers never copies activations. (``F.linear(x, W_csr)``,
+  i.e. dense input times the transposed sparse weight, was ~6× slower at batch 64; int64
+  indices, COO, BSR (4×4 blocks of unstructured sparsity) and gather + segment-sum matvecs were
+  all slower than int32 CSR in benchmarks/inference.py.)
+
+:class:`SparseConv2d` runs ``unfold`` (im2col) per sample followed by the same CSR product. On
+CPU it rarely pays: MKL-DNN's dense convolution is faster than the im2col copy alone for the
+convs of LeNet-5 / VGG / ResNet at 2 % density, so convs denser than 10 % are not even timed.
+
+:func:`sparsify` replaces each Linear / Conv2d layer by its sparse version only when that is
+faster: with ``measure=True`` both versions are timed on the layer's real input shape for the
+given batch size (interleaved, median of several runs after warm-up) and the sparse one must be
+at least ``min_speedup`` × faster; with ``measure=False`` a layer goes sparse when its density is
+at most ``density_threshold`` (default 0.1: on the 2-core AVX-512 machine these were measured on,
+CSR was 1.5–2.4× faster than MKL's dense GEMM at density 0.1 for 1024² and 4096² layers at batch
+1 and 64, and broke even around density 0.2–0.3; see benchmarks/inference.py).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+DENSITY_THRESHOLD = 0.1
+CONV_DENSITY_LIMIT = 0.1          # denser convs are not even timed: im2col alone costs more than MKL-DNN
+MIN_SPEEDUP = 1.1
+
+
+def _csr(crow, col, values, shape) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _csr_parts(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = w2d.detach().to_sparse_csr()
+    return s.crow_indices().to(torch.int32), s.col_indices().to(torch.int32), s.values().clone()
+
+
+class _SparseBase(nn.Module):
+    """Holds ``crow`` / ``col`` (int32) / ``values`` buffers and a cached CSR tensor over them."""
+
+    def _init_sparse(self, w2d: torch.Tensor, bias: torch.Tensor | None) -> None:
+        crow, col, values = _csr_parts(w2d)
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._shape2d = tuple(w2d.shape)
+        self._cache = None
+
+    def weight_csr(self) -> torch.Tensor:
+        key = (self.crow.data_ptr(), self.col.data_ptr(), self.values.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, _csr(self.crow, self.col, self.values, self._shape2d))
+        return self._cache[1]
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def dense_weight_2d(self) -> torch.Tensor:
+        return self.weight_csr().to_dense()
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """``W @ x (+ bias)`` for one vector ``x``."""
+        w = self.weight_csr()
+        return torch.mv(w, x) if self.bias is None else torch.addmv(self.bias, w, x)
+
+    def _matmul_t(self, xt: torch.Tensor) -> torch.Tensor:
+        """``W @ xt (+ bias)``: (out, N) from ``xt`` (in, N)."""
+        if xt.shape[1] == 1:
+            return self._matvec(xt[:, 0]).unsqueeze(1)
+        w = self.weight_csr()
+        if self.bias is None:
+            return torch.sparse.mm(w, xt)
+        return torch.addmm(self.bias.unsqueeze(1), w, xt)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_cache"] = None                    # the CSR view is rebuilt from the buffers
+        return state
+
+
+class SparseLinear(_SparseBase):
+    """Inference-only ``nn.Linear`` with a CSR weight (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        w = weight if weight is not None else torch.zeros(out_features, in_features)
+        self._init_sparse(w.reshape(out_features, in_features), bias)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear) -> "SparseLinear":
+        return cls(layer.in_features, layer.out_features, layer.weight.detach(),
+                   None if layer.bias is None else layer.bias.detach())
+
+    def to_dense(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight_2d())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():                 # inference only: no autograd through CSR
+            with torch.no_grad():
+                return self.forward(x)
+        if x.dim() == 2:
+            if x.shape[0] == 1:
+                return self._matvec(x[0]).unsqueeze(0)
+            return self._matmul_t(x.t().contiguous()).t()
+        lead = x.shape[:-1]
+        y = self._matmul_t(x.reshape(-1, self.in_features).t().contiguous()).t()
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}"
+
+
+class SparseConv2d(_SparseBase):
+    """Inference-only ``nn.Conv2d`` (groups=1, zero padding): im2col + CSR product."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("SparseConv2d: only groups=1 and numeric zero padding")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self._init_sparse(conv.weight.detach().reshape(conv.out_channels, -1),
+                          None if conv.bias is None else conv.bias.detach())
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d) -> "SparseConv2d":
+        return cls(layer)
+
+    def to_dense(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight_2d().reshape(conv.weight.shape))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.forward(x)
+        b, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        # one sample at a time: its im2col matrix (C·k·k, H·W) is already the right layout and
+        # stays in cache, where a whole-batch one needs a transpose copy of B× the size
+        out = x.new_empty(b, self.out_channels, ho * wo)
+        for i in range(b):
+            cols = F.unfold(x[i:i + 1], self.kernel_size, self.dilation, self.padding, self.stride)[0]
+            out[i] = self._matmul_t(cols)
+        return out.view(b, self.out_channels, ho, wo)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, nnz={self.nnz}")
+
+
+SPARSE_TYPES = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+
+
+def can_sparsify(m: nn.Module) -> bool:
+    if type(m) is nn.Linear:
+        return True
+    return (type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+def time_pair(fa, fb, *, budget_s: float = 0.1, min_reps: int = 3, max_reps: int = 25, warmup: int = 2,
+              give_up: float = 4.0):
+    """Median seconds of ``fa()`` and ``fb()``, timed alternately after ``warmup`` calls each; when
+    ``fb``'s first call takes over ``give_up`` × ``fa``'s, those first times are returned at once."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        if t2 - t1 > give_up * (t1 - t0):
+            return t1 - t0, t2 - t1
+        for _ in range(warmup - 1):
+            fa(), fb()
+        ta, tb = [], []
+        start = time.perf_counter()
+        while len(ta) < max_reps and (len(ta) < min_reps or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            fa()
+            t1 = time.perf_counter()
+            fb()
+            t2 = time.perf_counter()
+            ta.append(t1 - t0)
+            tb.append(t2 - t1)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _density(m: nn.Module) -> float:
+    w = m.weight.detach()
+    return float(torch.count_nonzero(w)) / max(w.numel(), 1)
+
+
+def sparsify(model: nn.Module, batch_size: int = 64, in_shape=None, *, measure: bool = True,
+             density_threshold: float = DENSITY_THRESHOLD, min_speedup: float = MIN_SPEEDUP,
+             choices: dict[str, str] | None = None) -> list[dict]:
+    """Replace, in place, each Linear / Conv2d of ``model`` by its sparse version where that is faster.
+
+    ``choices`` (layer name -> "sparse" | "dense") forces the decision (e.g. read from a file);
+    otherwise ``measure=True`` times both on the layer's input for ``batch_size`` samples (the
+    layer input shapes come from one forward pass of ``in_shape``; MLPs need no ``in_shape``), and
+    ``measure=False`` uses ``density <= density_threshold``. Layers denser than 0.5 are never
+    timed. Returns one row per layer: layer, kind, density, choice, dense_ms, sparse_ms.
+    """
+    model.eval()
+    layers = [(n, m) for n, m in model.named_modules() if can_sparsify(m)]
+    shapes = {}
+    if measure and choices is None:
+        from .shrink import record_shapes
+        if in_shape is None:
+            first = next((m for _, m in layers if isinstance(m, nn.Linear)), None)
+            if any(isinstance(m, nn.Conv2d) for _, m in layers) or first is None:
+                measure = False
+            else:
+                in_shape = (first.in_features,)
+        if measure:
+            shapes = record_shapes(model, in_shape)
+    report = []
+    for name, m in layers:
+        d = _density(m)
+        row = {"layer": name, "kind": type(m).__name__, "density": d, "dense_ms": None, "sparse_ms": None}
+        if choices is not None:
+            choice = choices.get(name, "dense")
+        elif d > (0.5 if isinstance(m, nn.Linear) else CONV_DENSITY_LIMIT):
+            choice = "dense"
+        elif not measure or id(m) not in shapes:
+            choice = "sparse" if d <= density_threshold else "dense"
+        else:
+            sp = SPARSE_TYPES[type(m)].from_dense(m)
+            x = torch.randn((batch_size,) + tuple(shapes[id(m)][0][1:]), dtype=m.weight.dtype)
+            td, ts = time_pair(lambda: m(x), lambda: sp(x))
+            row["dense_ms"], row["sparse_ms"] = td * 1e3, ts * 1e3
+            choice = "sparse" if ts * min_speedup < td else "dense"
+        row["choice"] = choice
+        if choice == "sparse":
+            _replace(model, name, SPARSE_TYPES[type(m)].from_dense(m))
+        report.append(row)
+    return report
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Undo :func:`sparsify` in place (sparse layers back to nn.Linear / nn.Conv2d)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, _SparseBase):
+            _replace(model, name, m.to_dense())
+    return model

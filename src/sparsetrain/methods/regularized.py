@@ -1,0 +1,167 @@
+"""Regularization methods (SPEC §1-4): ``proxsgd``, ``linbreg``, ``adabreg``, ``xrda``, ``grda``.
+
+Each builds one of :mod:`sparsetrain.optim` over :func:`sparsetrain.param_groups`, so only
+Linear/Conv weights carry the regularizer (``--reg``, strength ``--lam``); biases and norms are
+trained plainly. ``--exclude REGEX`` keeps matching layers dense (e.g. the last classifier).
+Bregman methods start from a sparse initialisation (``--init-density``, SPEC §2).
+
+``--sparsity S`` hands λ to a :class:`~sparsetrain.controller.SparsityController` that adapts it
+during training so the run ends at sparsity S; ``--lam`` is then only the starting value. The λ
+trajectory is logged (``lam`` in metrics.jsonl, ``lam_trajectory`` in summary.json).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .. import optim
+from ..init import sparse_init_
+from ..params import param_groups
+from ..regularizers import L1, make_regularizer
+from ..controller import SparsityController
+from .base import (BuildContext, Option, Strategy, fraction, momentum_option, nonnegative, positive,
+                   register)
+
+
+class Regularized(Strategy):
+    """A regularized optimizer, with λ steered to ``--sparsity`` when one is requested."""
+
+    def __init__(self, model, optimizer, ctx: BuildContext, schedules_lr: bool = False):
+        super().__init__(model, optimizer)
+        self.schedules_lr = schedules_lr
+        target = ctx.options.get("sparsity")
+        self.controller = None if target is None else SparsityController(
+            optimizer, model, target, ctx.total_steps)
+
+    def after_step(self, step: int) -> None:
+        if self.controller is not None:
+            self.controller.update(step)
+
+    def log(self) -> dict:
+        lams = [x for x in self.optimizer.get_lam() if x is not None]
+        return {"lam": max(lams)} if lams else {}
+
+    def finish(self, trainer) -> dict:
+        return {} if self.controller is None else {"lam_trajectory": self.controller.trajectory,
+                                                   "target_sparsity": 1 - self.controller.target}
+
+    def state_dict(self) -> dict:
+        return {} if self.controller is None else {"controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.controller is not None and "controller" in state:
+            self.controller.load_state_dict(state["controller"])
+
+
+TARGET = fraction("sparsity", None, "target sparsity: adapt λ so the run ends there (default: fixed --lam)")
+
+REGS = ("l1", "group", "conv-group", "sparse-group", "nuclear", "none")
+
+
+def _layer_regularizers(kind: str, lam: float, groups: str):
+    """``(name, module, param) -> regularizer``: ``conv-group`` puts the group lasso on Conv
+    weights (grouped by ``groups``) and ℓ1 on Linear weights, as the Bregman ConvNet does;
+    the others use one regularizer kind everywhere (row groups for Linear weights)."""
+    cache: dict = {}
+
+    def get(name, lam_, grouping=None):
+        key = (name, grouping)
+        if key not in cache:
+            cache[key] = make_regularizer(name, lam_, groups=grouping)
+        return cache[key]
+
+    def select(_name, module, _param):
+        conv = not isinstance(module, nn.Linear)
+        if kind == "conv-group":
+            return get("group", lam, groups) if conv else get("l1", lam)
+        if kind in ("group", "sparse-group"):
+            return get(kind, lam, groups if conv else "rows")
+        return get(kind, lam)
+    return select
+
+
+def _groups(model, ctx: BuildContext, **extra):
+    o = ctx.options
+    select = _layer_regularizers(o["reg"], o["lam"], o["groups"])
+    return param_groups(model, select, exclude=o["exclude"] or None, **extra)
+
+
+REG_OPTIONS = (
+    Option("reg", str, "l1", "regularizer on Linear/Conv weights", choices=REGS),
+    nonnegative("lam", 1e-3, "regularization strength λ"),
+    Option("groups", str, "kernels", "conv grouping for group regularizers", choices=("kernels", "filters")),
+    Option("exclude", str, "", "regex of layer names kept dense and unregularized (e.g. 'fc$')"),
+    TARGET,
+)
+BREGMAN_OPTIONS = REG_OPTIONS + (
+    positive("delta", 1.0, "elastic-net parameter δ of J_δ = J + ‖·‖²/(2δ)"),
+    Option("init_density", float, 0.01, "density p of the sparse initialisation (1 = dense init)",
+           "in (0, 1]", lambda v: 0 < v <= 1),
+    Option("init_scale", float, 0.0, "scale r of the sparse initialisation (0 = 1/√p)", ">= 0", lambda v: v >= 0),
+)
+
+
+def _sparse_init(model, ctx: BuildContext) -> None:
+    o = ctx.options
+    if o["init_density"] < 1:
+        grouping = {"group": "rows", "conv-group": "kernels"}.get(o["reg"], "entries")
+        sparse_init_(model, o["init_density"], scale=o["init_scale"] or None, groups=grouping)
+
+
+@register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", lr=0.1,
+          options=REG_OPTIONS + (momentum_option(0.9),))
+def build_proxsgd(model, ctx: BuildContext) -> Strategy:
+    opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
+                        weight_decay=ctx.cfg.weight_decay)
+    return Regularized(model, opt, ctx)
+
+
+@register("linbreg", "LinBreg: linearized Bregman iterations, sparse init (Bungert et al.)", lr=0.1,
+          options=BREGMAN_OPTIONS + (momentum_option(0.0),))
+def build_linbreg(model, ctx: BuildContext) -> Strategy:
+    _sparse_init(model, ctx)
+    opt = optim.LinBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
+                        momentum=ctx.options["momentum"])
+    return Regularized(model, opt, ctx)
+
+
+@register("adabreg", "AdaBreg: Adam-type Bregman iterations, sparse init (Bungert et al.)", lr=1e-3,
+          options=BREGMAN_OPTIONS)
+def build_adabreg(model, ctx: BuildContext) -> Strategy:
+    _sparse_init(model, ctx)
+    opt = optim.AdaBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"])
+    return Regularized(model, opt, ctx)
+
+
+@register("xrda", "extended RDA with adaptively reweighted ℓ1 (Siegel et al.)", lr=1.0,
+          options=(
+              nonnegative("lam", 1e-3, "regularization strength λ"),
+              Option("mode", str, "normal", "reweighting groups", choices=("normal", "kernel", "channel")),
+              positive("max_factor", 500.0, "maximum reweighting factor M (1 = plain ℓ1)"),
+              positive("tau", 9.5, "momentum time scale τ (β = exp(−s/τ))"),
+              positive("tau_b", 9.5, "reweighting time scale τ_b"),
+              Option("averaging", str, "cosine", "schedule of s and α (step: halve s, move α halfway to 1 "
+                     "at --milestones)", choices=("cosine", "step")),
+              Option("exclude", str, "", "regex of layer names kept dense and unregularized"),
+              TARGET,
+          ))
+def build_xrda(model, ctx: BuildContext) -> Strategy:
+    o = ctx.options
+    groups = param_groups(model, L1(o["lam"]), exclude=o["exclude"] or None)
+    opt = optim.XRDA(groups, lr=ctx.cfg.lr, lam=o["lam"], max_factor=o["max_factor"], tau=o["tau"],
+                     tau_b=o["tau_b"], schedule=o["averaging"], mode=o["mode"],
+                     total_steps=ctx.total_steps, weight_decay=ctx.cfg.weight_decay,
+                     milestones=[int(m * ctx.total_steps) for m in ctx.cfg.milestones])
+    return Regularized(model, opt, ctx, schedules_lr=True)   # s_k, α_k follow XRDA's own schedule
+
+
+@register("grda", "generalized RDA (Chao et al., directional pruning)", lr=0.1,
+          options=(
+              positive("c", 1e-3, "threshold constant c"),
+              Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
+              Option("exclude", str, "", "regex of layer names kept dense and unregularized"),
+              TARGET,
+          ))
+def build_grda(model, ctx: BuildContext) -> Strategy:
+    o = ctx.options
+    groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
+    return Regularized(model, optim.GRDA(groups, lr=ctx.cfg.lr, c=o["c"], mu=o["mu"]), ctx)

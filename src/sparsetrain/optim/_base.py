@@ -1,0 +1,212 @@
+"""Shared machinery of the sparse optimizers: regularizers in param groups, a state dict that
+loads with ``torch.load(..., weights_only=True)``, and the λ-controller interface."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..errors import UsageError
+from ..regularizers import Null, Regularizer, is_null, regularizer_from_dict
+
+_CALLABLE = "<callable: not serialised, kept from the live optimizer on load>"
+_softshrink = torch._C._nn.softshrink
+
+
+def check_number(value, field: str, low: float = 0.0, *, strict: bool = False,
+                 high: float | None = None, high_strict: bool = False) -> float:
+    """``float(value)`` checked against [low, high] (open ends with ``strict``/``high_strict``),
+    or a UsageError naming ``field``."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{field}: must be a number, got {value!r}") from None
+    ok = x > low if strict else x >= low
+    if high is not None:
+        ok = ok and (x < high if high_strict else x <= high)
+    if not ok:  # also catches NaN
+        rng = f"{'>' if strict else '>='} {low}"
+        if high is not None:
+            rng += f" and {'<' if high_strict else '<='} {high}"
+        raise UsageError(f"{field}: must be {rng}, got {value!r}")
+    return x
+
+
+class SparseOptimizer(Optimizer):
+    """Base of every sparsetrain optimizer.
+
+    * Each param group may carry a regularizer under ``"reg"`` (optimizer-level default ``reg=``);
+      ``None`` / ``Null()`` means no penalty for that group.
+    * ``state_dict()`` stores regularizers as ``to_dict()`` and callables as a marker, so the
+      result is plain tensors + python types; ``load_state_dict()`` rebuilds the regularizers
+      (updating the live objects in place when the type matches, so references held by a
+      controller stay valid) and keeps the live callables.
+    * λ-controller interface: ``get_lam()``, ``set_lam(value)``, ``scale_lam(factor)``.
+    """
+
+    #: group key holding the penalty strength; ``None``: the group's regularizer holds it
+    lam_key: str | None = None
+
+    # ---------------------------------------------------------------- param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "reg" in group:
+            reg = group["reg"]
+            if reg is not None and not isinstance(reg, Regularizer):
+                raise UsageError(f"reg: must be a sparsetrain regularizer or None, got {type(reg).__name__}")
+        for p in group["params"]:
+            if p.is_sparse:
+                raise UsageError("params: sparse tensors are not supported")
+
+    @staticmethod
+    def _use_foreach(group: dict) -> bool:
+        return group.get("foreach") is not False
+
+    # ---------------------------------------------------------------- λ controller
+    def is_regularized(self, group: dict) -> bool:
+        """Whether ``group`` is penalised (its λ is reported by ``get_lam``/set by ``set_lam``)."""
+        if self.lam_key is None:
+            return not is_null(group.get("reg"))
+        return bool(group.get("penalize", True))
+
+    def get_lam(self) -> list[float | None]:
+        """Penalty strength of every param group (``None`` for unregularized groups)."""
+        out = []
+        for g in self.param_groups:
+            if not self.is_regularized(g):
+                out.append(None)
+            else:
+                out.append(float(g["reg"].lam if self.lam_key is None else g[self.lam_key]))
+        return out
+
+    def set_lam(self, value) -> None:
+        """Set λ on every regularized group (a number), or per group (a list with one entry per
+        param group; ``None`` entries and unregularized groups are left alone)."""
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * len(self.param_groups)
+        if len(values) != len(self.param_groups):
+            raise UsageError(f"lam: need one value per param group ({len(self.param_groups)}), got {len(values)}")
+        for g, lam in zip(self.param_groups, values):
+            if lam is None or not self.is_regularized(g):
+                continue
+            lam = check_number(lam, "lam")
+            if self.lam_key is None:
+                g["reg"].lam = lam
+            else:
+                g[self.lam_key] = lam
+
+    def scale_lam(self, factor: float) -> None:
+        """Multiply λ of every regularized group by ``factor`` (a shared regularizer once)."""
+        factor = check_number(factor, "factor")
+        seen: set[int] = set()
+        for g in self.param_groups:
+            if not self.is_regularized(g):
+                continue
+            if self.lam_key is not None:
+                g[self.lam_key] = g[self.lam_key] * factor
+            elif id(g["reg"]) not in seen:
+                seen.add(id(g["reg"]))
+                g["reg"].lam = g["reg"].lam * factor
+
+    # ---------------------------------------------------------------- serialisation
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:  # packed copies: the live groups are untouched
+            for k, v in g.items():
+                if k == "reg":
+                    g[k] = None if v is None else v.to_dict()
+                elif callable(v):
+                    g[k] = _CALLABLE
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        live = [dict(g) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, old in zip(self.param_groups, live):
+            for k, v in g.items():
+                if k == "reg":
+                    g[k] = _restore_reg(old.get("reg"), v)
+                elif isinstance(v, str) and v == _CALLABLE:
+                    g[k] = old.get(k)
+
+
+def _restore_reg(live, saved):
+    if saved is None or isinstance(saved, Regularizer):
+        return saved
+    new = regularizer_from_dict(saved)
+    if live is not None and type(live) is type(new) and not isinstance(new, Null):
+        live.__dict__.update(new.__dict__)  # keep the identity of the live object
+        return live
+    return new
+
+
+# -------------------------------------------------------------------- Bregman helpers
+def bregman_v0(w: Tensor, reg, delta: float) -> Tensor:
+    """v₀ = w/δ + ∂J(w), so that δ·prox_J(v₀) = prox_{δJ}(δ v₀) = w."""
+    v = torch.zeros_like(w) if is_null(reg) else reg.subgradient(w)
+    return v.add_(w, alpha=1.0 / delta)
+
+
+def bregman_prox_(params: list[Tensor], vs: list[Tensor], reg, delta: float, foreach: bool) -> None:
+    """w ← prox_{δJ}(δ v) = δ·prox_J(v), written into the parameters in place."""
+    if is_null(reg):
+        if delta != 1.0:
+            for p, v in zip(params, vs):
+                torch.mul(v, delta, out=p)
+        elif foreach:
+            torch._foreach_copy_(params, vs)
+        else:
+            for p, v in zip(params, vs):
+                p.copy_(v)
+        return
+    if foreach:
+        reg.prox_foreach_(vs, 1.0, outs=params)
+        if delta != 1.0:
+            torch._foreach_mul_(params, delta)
+    else:
+        for p, v in zip(params, vs):
+            reg.prox_(v, 1.0, out=p)
+            if delta != 1.0:
+                p.mul_(delta)
+
+
+class BregmanOptimizer(SparseOptimizer):
+    """Base of LinBreg / AdaBreg: state ``v`` ∈ ∂J_δ(w), J_δ = J + ‖·‖²/(2δ).
+
+    ``v`` is initialised lazily on a parameter's first step as ``v₀ = w/δ + ∂J(w)``. Every step
+    compares the group's (regularizer, δ) with the one its ``v`` was built with; when λ, δ or the
+    regularizer changed, ``v`` is rebuilt from the current ``w`` first (no jump in ``w``).
+    ``reinit_subgradient()`` does the same explicitly for all groups.
+    """
+
+    _KEY = "bregman_state_for"  # group entry: the (reg, delta) the group's v was built with
+
+    @staticmethod
+    def _key(group: dict) -> dict:
+        reg = group.get("reg")
+        return {"reg": None if is_null(reg) else reg.to_dict(), "delta": float(group["delta"])}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        check_number(self.param_groups[-1]["delta"], "delta", strict=True)
+
+    @torch.no_grad()
+    def reinit_subgradient(self) -> None:
+        """v ← w/δ + ∂J(w) for every parameter of every group (from the current weights)."""
+        for group in self.param_groups:
+            self._reinit_group(group)
+
+    def _reinit_group(self, group: dict) -> None:
+        delta = float(group["delta"])
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state and "v" in state:
+                state["v"].copy_(bregman_v0(p.detach(), group.get("reg"), delta))
+        group[self._KEY] = self._key(group)
+
+    def _check_key(self, group: dict) -> None:
+        key = self._key(group)
+        if group.get(self._KEY) != key:
+            self._reinit_group(group)

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny synthetic datasets in the original file formats (IDX, CIFAR pickles)."""
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def write_idx(path, array: np.ndarray, gz: bool = True) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+
+
+def class_images(n: int, seed: int, side: int = 28, channels: int = 0):
+    """Images whose class is drawn as a bright horizontal band (easy to learn), plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    shape = (n, side, side) if not channels else (n, channels, side, side)
+    x = rng.integers(0, 60, shape)
+    band = side // 10
+    for i, c in enumerate(y):
+        x[i, ..., c * band:(c + 1) * band, :] += 180
+    return x.clip(0, 255).astype(np.uint8), y.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory):
+    """A Fashion-MNIST-shaped IDX dataset: 600 train and 200 test images."""
+    d = tmp_path_factory.mktemp("fmnist")
+    xtr, ytr = class_images(600, 0)
+    xte, yte = class_images(200, 1)
+    write_idx(d / "train-images-idx3-ubyte", xtr)
+    write_idx(d / "train-labels-idx1-ubyte", ytr)
+    write_idx(d / "t10k-images-idx3-ubyte", xte, gz=False)
+    write_idx(d / "t10k-labels-idx1-ubyte", yte, gz=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    d.mkdir()
+    for name, seed in (("data_batch_1", 0), ("test_batch", 1)):
+        x, y = class_images(64, seed, side=32, channels=3)
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": x.reshape(64, -1), b"labels": [int(v) for v in y]}, f)
+    return d.parent

@@ -1,0 +1,77 @@
+"""Sparse initialisation (SPEC §2)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.errors import UsageError
+from sparsetrain.init import sparse_init_
+
+
+def net():
+    return nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 10))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_entry_density_and_variance_preserving_scale():
+    model = sparse_init_(net(), density=0.1, generator=gen())
+    w = model[4].weight  # 300 x 400
+    nz = w != 0
+    assert abs(nz.float().mean().item() - 0.1) < 0.01  # Bernoulli(0.1) over 120k entries
+    std_nz = w[nz].std().item()  # nonzeros: r·He with r = 1/√p
+    assert std_nz == pytest.approx(math.sqrt(2 / 400) / math.sqrt(0.1), rel=0.05)
+    assert w.pow(2).mean().item() == pytest.approx(2 / 400, rel=0.08)  # E[W²] preserved
+
+
+def test_density_one_is_kaiming_normal_and_scale_is_applied():
+    model = sparse_init_(net(), density=1.0, generator=gen())
+    w = model[4].weight
+    assert (w != 0).all() and w.std().item() == pytest.approx(math.sqrt(2 / 400), rel=0.03)
+    model = sparse_init_(net(), density=0.5, scale=10.0, generator=gen())
+    w = model[4].weight
+    assert w[w != 0].std().item() == pytest.approx(10 * math.sqrt(2 / 400), rel=0.05)
+
+
+def test_row_groups():
+    model = sparse_init_(net(), density=0.3, groups="rows", generator=gen(1))
+    for w in (model[4].weight, model[0].weight.reshape(16, -1)):
+        alive = (w != 0).any(dim=1)
+        assert torch.equal((w != 0).all(dim=1), alive)  # whole rows on or off
+        assert 0 < alive.sum() < w.shape[0]
+
+
+def test_kernel_groups():
+    model = sparse_init_(net(), density=0.3, groups="kernels", generator=gen(2))
+    k = model[0].weight  # 16 x 8 x 3 x 3
+    alive = (k != 0).any(dim=(2, 3))
+    assert torch.equal((k != 0).all(dim=(2, 3)), alive)
+    assert abs(alive.float().mean().item() - 0.3) < 0.08
+    lin = model[4].weight  # no kernels: rows
+    assert torch.equal((lin != 0).all(dim=1), (lin != 0).any(dim=1))
+
+
+def test_biases_small_positive_and_norms_untouched():
+    model = sparse_init_(net(), density=0.2, generator=gen())
+    for layer in (model[0], model[4], model[6]):
+        fan_in = layer.weight[0].numel()
+        assert (layer.bias > 0).all() and (layer.bias <= 1 / math.sqrt(fan_in)).all()
+    assert (model[1].weight == 1).all() and (model[1].bias == 0).all()
+
+
+def test_generator_makes_it_reproducible():
+    a = sparse_init_(net(), 0.1, generator=gen(7))
+    b = sparse_init_(net(), 0.1, generator=gen(7))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("kw", [dict(density=0.0), dict(density=1.5), dict(density=-0.1),
+                                dict(density="x"), dict(density=0.5, groups="filters"),
+                                dict(density=0.5, scale=0.0)])
+def test_bad_arguments(kw):
+    with pytest.raises(UsageError):
+        sparse_init_(net(), **kw)

@@ -1,0 +1,117 @@
+"""HALO: the optimal scale and profile penalty, the variants, the guard, and the method end to end."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.cli import main
+from sparsetrain.penalties import HALO, halo_optimal_scale, halo_profile_penalty, mcp_penalty, profile_constant
+
+
+def minimise_scales(halo, steps=50):
+    opt = torch.optim.LBFGS(list(halo.parameters()), lr=1, max_iter=steps, tolerance_grad=1e-14,
+                            tolerance_change=1e-16, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = halo()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return halo().item()
+
+
+def test_optimal_scale_and_profile_penalty():
+    w = torch.tensor([0.5, -2.0, 0.01, 3e-3, -0.7], dtype=torch.float64)
+    xi, psi = 0.3, 0.7
+    halo = HALO([w], xi, psi, min_scale=1e-6)
+    value = minimise_scales(halo)
+    lam = halo.scales[0].detach()
+    expected = (2 * xi * w.abs() / psi) ** (1 / 3)
+    assert torch.allclose(lam.abs(), expected, rtol=1e-5)
+    assert torch.allclose(halo_optimal_scale(w, xi, psi), expected)
+    profile = 3 * 2 ** (-2 / 3) * xi ** (1 / 3) * psi ** (2 / 3) * w.abs() ** (1 / 3)
+    assert value == pytest.approx(profile.sum().item(), rel=1e-9)
+    assert torch.allclose(halo_profile_penalty(w, xi, psi), profile)
+    assert profile_constant(xi, psi) == pytest.approx(3 * 2 ** (-2 / 3) * xi ** (1 / 3) * psi ** (2 / 3))
+
+
+def test_profile_penalty_on_a_grid():
+    w, xi, psi = 0.37, 2e-3, 5e-2
+    grid = torch.linspace(1e-3, 1.0, 200001, dtype=torch.float64)
+    f = xi * w / grid ** 2 + psi * grid
+    i = int(f.argmin())
+    assert grid[i].item() == pytest.approx(halo_optimal_scale(w, xi, psi), rel=1e-4)
+    assert f[i].item() == pytest.approx(halo_profile_penalty(w, xi, psi), rel=1e-8)
+
+
+def test_penalty_value_gradient_budget_and_squared_variant():
+    lin = nn.Linear(3, 2, bias=True).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.25, -4.0]]))
+    halo = HALO(lin, xi=0.1, psi=0.01, P=2.0)
+    assert [n for n in halo.names] == ["weight"]                 # biases are not penalised
+    with torch.no_grad():
+        halo.scales[0].copy_(torch.tensor([[1.0, 2.0, 0.5], [-1.0, 0.5, 2.0]]))
+    lam = halo.scales[0].detach()
+    w = lin.weight.detach()
+    expected = 0.1 * (w.abs() / lam ** 2).sum() + 0.01 * abs(lam.abs().sum() - 2.0)
+    p = halo()
+    assert p.item() == pytest.approx(expected.item())
+    p.backward()
+    assert torch.allclose(lin.weight.grad, 0.1 * torch.sign(w) / lam ** 2)
+    assert torch.allclose(halo.scales[0].grad, -2 * 0.1 * w.abs() / lam.abs() ** 3 * lam.sign() + 0.01 * lam.sign())
+    sq = HALO(lin, xi=0.1, psi=0.01, P=2.0, squared=True)
+    assert sq().item() == pytest.approx(0.1 * w.abs().sum().item() + 0.01 * (6 - 2.0) ** 2)
+
+
+def test_scales_are_guarded_away_from_zero():
+    w = torch.tensor([0.3, -0.2], requires_grad=True)
+    halo = HALO([w], xi=1.0, psi=1.0, min_scale=1e-2)
+    with torch.no_grad():
+        halo.scales[0].zero_()
+    p = halo()
+    p.backward()
+    assert math.isfinite(p.item()) and p.item() == pytest.approx(0.5 / 1e-4)
+    assert torch.isfinite(w.grad).all() and torch.isfinite(halo.scales[0].grad).all()
+
+
+def test_variants():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    ws = [model[0].weight, model[2].weight]
+    l1 = sum(w.abs().sum() for w in ws)
+    lasso = HALO(model, xi=0.1, psi=0.2, variant="lasso")
+    assert len(list(lasso.parameters())) == 0
+    assert lasso().item() == pytest.approx(0.1 * l1.item())
+    shared = HALO(model, xi=0.1, psi=0.2, variant="shared")
+    assert [p.numel() for p in shared.parameters()] == [1]
+    assert shared().item() == pytest.approx(0.1 * l1.item() + 0.2 * 18)
+    full = HALO(model, xi=0.1, psi=0.2)
+    assert sum(p.numel() for p in full.parameters()) == 18
+    assert full().item() == pytest.approx(0.1 * l1.item() + 0.2 * 18)       # scales start at 1
+    mcp = HALO(model, xi=0.5, psi=2.0, variant="mcp")
+    a = torch.tensor([0.0, 0.3, 1.0, 1.5])                                   # γλ = 1
+    assert mcp_penalty(a, 0.5, 2.0).item() == pytest.approx(0 + (0.15 - 0.09 / 4) + 0.25 + 0.25)
+    assert mcp().item() == pytest.approx(sum(mcp_penalty(w.detach(), 0.5, 2.0) for w in ws).item())
+    with pytest.raises(ValueError):
+        HALO(model, xi=0.1, psi=0.2, variant="bogus")
+
+
+@pytest.mark.parametrize("extra", [[], ["--finetune-epochs", "1"], ["--halo-variant", "mcp"]])
+def test_halo_cli_smoke_prunes_to_the_target(extra, idx_dir, tmp_path):
+    out = tmp_path / "run"
+    rc = main(["train", "--method", "halo", "--sparsity", "0.9", "--data-dir", str(idx_dir), "--out", str(out),
+               "--train-subset", "512", "--test-subset", "256", "--epochs", "2", "--no-progress", *extra])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert 0 <= s["accuracy_before_prune"] <= 1 and 0 <= s["accuracy_after_prune"] <= 1
+    assert s["epochs"] == (3 if extra[:1] == ["--finetune-epochs"] else 2)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    if not extra:
+        assert any(k.startswith("scales.") for k in ck["strategy"]["halo"])
