@@ -9,8 +9,8 @@
 2. A 3-layer 4096×4096 MLP at 90 / 95 / 98 / 99 % sparsity: dense vs the sparse format, plus the
    compressed file size.
 3. (unless --no-variants) The kernels tried for one 4096×4096 layer at 98 %: CSR with int64 / int32
-   indices, torch.sparse.mm vs addmm vs mv, sparse weight @ inputᵀ vs input @ sparse weightᵀ,
-   COO, BSR, a gather + segment-sum matvec, and 1 vs all threads.
+   indices, torch.sparse.mm vs addmm vs mv vs sparse.mm(reduce="sum"), sparse weight @ inputᵀ vs
+   input @ sparse weightᵀ, COO, BSR, a gather + segment-sum matvec, and 1 vs all threads.
 
 Latency is the median over ``--repeats`` round-robin runs after warm-up (all candidates of a
 row are timed alternately, so machine noise hits them alike). speedup = dense / format;
@@ -32,7 +32,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sparsetrain.export import FORMATS, export_model, load_export, load_run, magnitude_prune, sparsify
-from sparsetrain.export.sparse_modules import SparseLinear
+from sparsetrain.export.sparse_modules import KERNELS, SparseLinear
 from sparsetrain.models import build_model
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
@@ -102,6 +102,9 @@ def lenet(args, tmp: Path) -> None:
           ["format", "batch", "ms", "speedup", "ideal", "of ideal", "file / dense"], rows)
 
 
+_SHORT = {"dense": "d", "sparse": "csr", "sparse:spmm_sum": "sum"}
+
+
 def big_mlp(args, tmp: Path) -> None:
     n = 4096
     rows = []
@@ -119,9 +122,9 @@ def big_mlp(args, tmp: Path) -> None:
             lat = timed({"dense": lambda: model(x), "sparse": lambda: sparse(x)}, args.repeats)
             sp = lat["dense"] / lat["sparse"]
             rows.append([f"{sparsity:.0%}", bs, lat["dense"], lat["sparse"], sp, 1 / d, sp * d,
-                         "/".join(r["choice"][0] for r in choice), f"{comp / dense_bytes:.4f}"])
-    table(f"3 × Linear(4096, 4096) MLP (torch threads {torch.get_num_threads()}; sparse layers: "
-          f"s = CSR, d = dense, chosen by timing)",
+                         "/".join(_SHORT[r["choice"]] for r in choice), f"{comp / dense_bytes:.4f}"])
+    table(f"3 × Linear(4096, 4096) MLP (torch threads {torch.get_num_threads()}; layers as chosen by timing: "
+          f"d = dense, csr = CSR addmm/mv, sum = CSR sparse.mm(reduce='sum'))",
           ["sparsity", "batch", "dense ms", "sparse ms", "speedup", "ideal", "of ideal", "layers",
            "compressed / dense"], rows)
 
@@ -149,6 +152,7 @@ def variants(args) -> None:
             "CSR int64, sparse.mm(W, xᵀ)": lambda: torch.sparse.mm(csr64, xt),
             "CSR int32, sparse.mm(W, xᵀ)": lambda: torch.sparse.mm(csr32, xt),
             "CSR int32, addmm(b, W, xᵀ)": lambda: torch.addmm(lin.bias.detach()[:, None], csr32, xt),
+            "CSR int64, sparse.mm(W, xᵀ, reduce='sum')": lambda: torch.sparse.mm(csr64, xt, "sum"),
             "CSR int32, sparse.mm(W, x.t()) (non-contiguous)": lambda: torch.sparse.mm(csr32, x.t()),
             "CSR int32, F.linear(x, W) = x @ Wᵀ": lambda: F.linear(x, csr32),
             "COO, sparse.mm(W, xᵀ)": lambda: torch.sparse.mm(coo, xt),
@@ -161,7 +165,10 @@ def variants(args) -> None:
             fns["gather x[col]·v + index_add_"] = lambda: torch.zeros(n).index_add_(
                 0, row, x[0].index_select(0, col) * vals)
         fns["BSR 4×4, sparse.mm(W, xᵀ)"] = lambda: torch.sparse.mm(bsr, xt)
-        fns["SparseLinear (library)"] = (lambda s=SparseLinear.from_dense(lin): s(x))
+        for kernel in KERNELS:
+            sp = SparseLinear.from_dense(lin)
+            sp.kernel = kernel
+            fns[f"SparseLinear, kernel={kernel} (library)"] = (lambda s=sp: s(x))
         for th in sorted({1, threads}):
             torch.set_num_threads(th)
             lat = timed(fns, max(5, args.repeats // 2), warmup=2)

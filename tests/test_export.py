@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from sparsetrain.errors import UsageError
-from sparsetrain.export import (FORMATS, BiasMap, SparseConv2d, SparseLinear, export_info, export_model,
+from sparsetrain.export import (FORMATS, BiasMap, SparseConv2d, SparseLinear, densify, export_info, export_model,
                                 inspect_exports, load_export, magnitude_prune, shrink, sparsify)
 from sparsetrain.export import codec
+from sparsetrain.export.sparse_modules import KERNELS
 from sparsetrain.models import ResNet, build_model
 
 
@@ -162,10 +163,13 @@ def test_sparse_modules_match_dense():
         lin.weight.mul_(torch.rand_like(lin.weight) < 0.1)
         conv.weight.mul_(torch.rand_like(conv.weight) < 0.2)
     sl, sc = SparseLinear.from_dense(lin), SparseConv2d.from_dense(conv)
-    for b in (1, 3):
-        x, xc = torch.randn(b, 50), torch.randn(b, 6, 9, 9)
-        assert close(sl(x), lin(x).detach())
-        assert close(sc(xc), conv(xc).detach())
+    for kernel in KERNELS:
+        sl.kernel = sc.kernel = kernel
+        for b in (1, 3):
+            x, xc = torch.randn(b, 50), torch.randn(b, 6, 9, 9)
+            assert close(sl(x), lin(x).detach())
+            assert close(sc(xc), conv(xc).detach())
+            assert close(sl(x.view(b, 1, 50)), lin(x).detach().view(b, 1, 40))
     assert torch.equal(sl.to_dense().weight, lin.weight.detach())
     assert sl.nnz == int(torch.count_nonzero(lin.weight))
 
@@ -184,6 +188,15 @@ def test_sparsify_by_density_and_chained_layers():
     with torch.no_grad():
         assert close(model(x), ref)
         assert close(model(x[:1]), ref[:1])
+    forced = densify(model)
+    assert isinstance(forced[0], nn.Linear)
+    report = sparsify(forced, choices={"0": "sparse:spmm_sum", "2": "sparse"})
+    assert forced[0].kernel == "spmm_sum" and forced[2].kernel == "addmm" and isinstance(forced[4], nn.Linear)
+    assert [r["choice"] for r in report] == ["sparse:spmm_sum", "sparse", "dense"]
+    with torch.no_grad():
+        assert close(forced(x), ref)
+    with pytest.raises(UsageError):
+        sparsify(forced, choices={"4": "sparse:bogus"})
 
 
 def test_sparse_export_records_and_reuses_layer_choices(tmp_path):
@@ -198,6 +211,10 @@ def test_sparse_export_records_and_reuses_layer_choices(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert close(loaded(x), model(x))
+    timed = load_export(path, batch_size=4)                   # choices timed again on this machine
+    assert {type(timed[i]) for i in (1, 3, 5)} <= {nn.Linear, SparseLinear}
+    with torch.no_grad():
+        assert close(timed(x), model(x))
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -1,21 +1,23 @@
-r"""A λ-controller: ends a regularized run at a requested sparsity.
+r"""λ controllers: end a regularized run at a requested sparsity.
 
-Users ask for a sparsity, not for a λ. Every ``every`` steps the controller compares the
-density of the Linear/Conv weights with a target trajectory and multiplies the optimizer's
-penalty strength (``opt.scale_lam``) by
+Users ask for a sparsity, not for a λ. Both controllers follow the target density trajectory
+of gradual magnitude pruning (Zhu & Gupta), from the density d₀ measured at the first step to
+the requested d_T = 1 − sparsity:
 
-    factor = clip(exp(gain · log(density / density*(t))), 1/max_factor, max_factor)
+    density*(t) = d_T + (d₀ − d_T)·(1 − t / (ramp·T))³   for t < ramp·T,   d_T afterwards.
 
-so λ grows while the network is denser than planned and shrinks while it is sparser. The target
-trajectory is the cubic ramp of gradual magnitude pruning (Zhu & Gupta),
+:class:`SparsityController` (ProxSGD, xRDA, gRDA — methods that start dense and *remove*
+weights): every ``every`` steps it multiplies the optimizer's λ (``opt.scale_lam``) by
+``clip(exp(gain · log(density / density*(t))), 1/max_factor, max_factor)``.
 
-    density*(t) = d_T + (d_0 − d_T)·(1 − t / (ramp·T))³   for t < ramp·T,   d_T afterwards,
-
-from the density d_0 measured at the first step to the requested d_T = 1 − sparsity. For
-the Bregman methods (which start sparse and *add* weights) d_0 < d_T and the same law holds λ
-back until the network has grown to its budget; for ProxSGD/xRDA/gRDA (which start dense and
-*remove* weights) it raises λ along the ramp. Changing λ re-initialises the Bregman
-subgradient from the current weights (the optimizers do this on their next step).
+:class:`BudgetController` (LinBreg, AdaBreg — inverse scale space methods that start sparse and
+*add* weights): a zero entry of a Bregman method becomes nonzero when its accumulated
+subgradient v crosses the threshold λ (``|v| > λ`` for ℓ1, ``‖v_g‖ > λ√n_g`` for a group), so
+λ can be *computed*: every ``every`` steps it is set so that exactly the entries the budget
+``density*(t)`` allows — those with the largest ``|v|/λ`` — are admitted, and so that none are
+admitted while the network is at its budget. The groups are switched to ``inactive="keep"``: on
+a change of λ the subgradient is re-initialised from the current weights where they are
+nonzero (no jump) and zero entries keep their accumulated v.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from torch import nn
 
 from .errors import check
 from .metrics import density
+from .params import prunable_weights
 
 
 class SparsityController:
@@ -59,15 +62,17 @@ class SparsityController:
         d = density(self.model)
         if self.start_density is None:
             self.start_density = d
-        want = self.target_density(step)
-        err = math.log(max(d, 1e-9) / max(want, 1e-9))
+        self._adjust(step, d)
+        if step % (self.every * 20) == 0:
+            self.trajectory.append((step, self.lam(), d))
+
+    def _adjust(self, step: int, d: float) -> None:
+        err = math.log(max(d, 1e-9) / max(self.target_density(step), 1e-9))
         factor = min(self.max_factor, max(1.0 / self.max_factor, math.exp(self.gain * err)))
         if self.lam() * factor < self.min_lam:       # λ = 0 stays 0 under scaling: restart it
             self.optimizer.set_lam(self.min_lam)
         elif factor != 1.0:
             self.optimizer.scale_lam(factor)
-        if step % (self.every * 10) == 0:
-            self.trajectory.append((step, self.lam(), d))
 
     def state_dict(self) -> dict:
         return {"start_density": self.start_density, "trajectory": [list(t) for t in self.trajectory]}
@@ -75,3 +80,59 @@ class SparsityController:
     def load_state_dict(self, state: dict) -> None:
         self.start_density = state.get("start_density")
         self.trajectory = [tuple(t) for t in state.get("trajectory", [])]
+
+
+class BudgetController(SparsityController):
+    """λ computed from the Bregman subgradients so the density follows its budget exactly."""
+
+    def __init__(self, optimizer, model: nn.Module, sparsity: float, total_steps: int, *,
+                 every: int = 5, ramp: float = 0.75, margin: float = 1.05, start_lam: float = 1.0):
+        super().__init__(optimizer, model, sparsity, total_steps, every=every, ramp=ramp)
+        self.margin = margin
+        self._last: list[torch.Tensor] = []
+        self.total = sum(w.numel() for _, w in prunable_weights(model))
+        for g in optimizer.param_groups:
+            g["inactive"] = "keep"
+        # start high, so that nothing is admitted before the first budget update computes λ
+        optimizer.scale_lam(max(1.0, start_lam / max(self.lam(), 1e-12)))
+
+    @staticmethod
+    def supports(optimizer) -> bool:
+        """Whether every regularized group's regularizer has per-entry activation scores."""
+        regs = [g.get("reg") for g in optimizer.param_groups if g.get("reg") is not None]
+        return bool(regs) and all(r.activation(torch.ones(1, 1)) is not None for r in regs)
+
+    def _scores(self) -> torch.Tensor:
+        """|v|/λ (or the group analogue) of every zero entry of the regularized weights, with v
+        extrapolated over the next ``every`` steps from its change since the last update (Adam-
+        type steps move all candidates at once, so the admission must look ahead)."""
+        out, last = [], []
+        i = 0
+        for g in self.optimizer.param_groups:
+            reg = g.get("reg")
+            if reg is None:
+                continue
+            for p in g["params"]:
+                v = self.optimizer.state.get(p, {}).get("v")
+                if v is None:
+                    continue
+                prev = self._last[i] if i < len(self._last) and self._last[i].shape == v.shape else v
+                out.append(reg.activation(2 * v - prev)[p == 0])
+                last.append(v.clone())
+                i += 1
+        self._last = last
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _adjust(self, step: int, d: float) -> None:
+        scores = self._scores()
+        if scores.numel() == 0:
+            return
+        need = int(round(self.target_density(step) * self.total)) - int(round(d * self.total))
+        if need > 0:   # admit the `need` strongest candidates: factor between k-th and (k+1)-th score
+            k = min(need, scores.numel())
+            top = torch.topk(scores, min(k + 1, scores.numel())).values
+            factor = float(top[k - 1] + top[k]) / 2 if k < scores.numel() else 0.0
+        else:          # at the budget: nobody new until the next update
+            factor = max(1.0, float(scores.max()) * self.margin)
+        if factor > 0 and factor != 1.0:
+            self.optimizer.scale_lam(factor)

@@ -117,6 +117,11 @@ class Regularizer:
         for i, x in enumerate(xs):
             self.prox_(x, t, out=None if outs is None else outs[i])
 
+    def activation(self, v: Tensor) -> Tensor | None:
+        """Per-entry factor f such that the entry is nonzero in ``prox_{fJ}(v)`` iff f < this
+        score (prox_J thresholds linearly in λ). ``None`` where no such per-entry score exists."""
+        return None
+
     def to_dict(self) -> dict:
         return {"name": self.name, "lam": self.lam}
 
@@ -162,6 +167,9 @@ class L1(Regularizer):
     def prox_(self, x: Tensor, t: float, out: Tensor | None = None) -> Tensor:
         return _softshrink(x, t * self.lam, out=x if out is None else out)
 
+    def activation(self, v: Tensor) -> Tensor:
+        return v.abs().div_(max(self.lam, torch.finfo(v.dtype).tiny))
+
 
 class GroupL12(Regularizer):
     r"""J(w) = λ Σ_g √n_g ‖w_g‖₂ (group lasso);
@@ -197,6 +205,10 @@ class GroupL12(Regularizer):
         # scale = max(1 - tau/||x_g||, 0); a zero group gets 0 (never 0/0)
         scale = norms.clamp_min_(torch.finfo(norms.dtype).tiny).reciprocal_().mul_(-tau).add_(1).clamp_min_(0)
         return torch.mul(x, scale, out=out)
+
+    def activation(self, v: Tensor) -> Tensor:
+        norms, root_n = self._norms(v)
+        return (norms / max(self.lam * root_n, torch.finfo(v.dtype).tiny)).expand_as(v)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "lam": self.lam, "groups": self.groups}

@@ -44,7 +44,7 @@ from ..errors import UsageError, check, choice
 from . import codec
 from .arch import BiasMap, Residual, canonical, from_spec, register_converter, to_spec
 from .shrink import shrink
-from .sparse_modules import SparseConv2d, SparseLinear, densify, sparsify, time_pair
+from .sparse_modules import SparseConv2d, SparseLinear, densify, sparsify
 
 FORMATS = ("dense", "compressed", "shrunk", "sparse")
 
@@ -221,9 +221,16 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batc
     _load_into(seq, state, f"export {path}").eval()
     if fmt == "sparse":
         if batch_size is not None:
+            check(batch_size >= 1, "batch_size", ">= 1", batch_size)
             sparsify(seq, batch_size, meta.get("in_shape"), measure=measure)
         else:
-            sparsify(seq, choices=meta.get("layers") or {})
+            layers = meta.get("layers") or {}
+            if not isinstance(layers, dict):
+                raise UsageError(f"export {path}: layers must be a JSON object (corrupt)")
+            try:
+                sparsify(seq, choices=layers)
+            except UsageError as e:
+                raise UsageError(f"export {path}: {e}") from None
     return seq
 
 
@@ -357,7 +364,8 @@ def inspect_exports(run_dir: str | os.PathLike, *, batch_sizes=(1, 64), budget_s
     ck = Path(run_dir) / "checkpoint.pt"
     with tempfile.TemporaryDirectory(prefix="sparsetrain-export-") as tmp:
         for fmt in FORMATS:
-            path = export_run(run_dir, fmt, Path(tmp) / f"{fmt}.safetensors", batch_size=max(batch_sizes))
+            path = export_model(model, fmt, Path(tmp) / f"{fmt}.safetensors", model_name=info["model"],
+                                in_shape=in_shape, num_classes=info["num_classes"], batch_size=max(batch_sizes))
             m = load_export(path)
             loaded[fmt] = m
             rows.append({"format": fmt, "bytes": path.stat().st_size,

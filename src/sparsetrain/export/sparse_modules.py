@@ -16,15 +16,17 @@ CPU it rarely pays: MKL-DNN's dense convolution is faster than the im2col copy a
 convs of LeNet-5 / VGG / ResNet at 2 % density, so convs denser than 10 % are not even timed.
 
 :func:`sparsify` replaces each Linear / Conv2d layer by its sparse version only when that is
-faster: with ``measure=True`` both versions are timed on the layer's real input shape for the
-given batch size (interleaved, median of several runs after warm-up) and the sparse one must be
-at least ``min_speedup`` × faster; with ``measure=False`` a layer goes sparse when its density is
+faster: with ``measure=True`` the dense layer and each sparse kernel are timed on the layer's real
+input shape for the given batch size (round-robin after warm-up, the fastest of ≥ 3 runs: on a
+shared machine medians mostly measure the neighbours) and the sparse one must be at least
+``min_speedup`` × faster; with ``measure=False`` a layer goes sparse when its density is
 at most ``density_threshold`` (default 0.1: on the 2-core AVX-512 machine these were measured on,
 CSR was 1.5–2.4× faster than MKL's dense GEMM at density 0.1 for 1024² and 4096² layers at batch
 1 and 64, and broke even around density 0.2–0.3; see benchmarks/inference.py).
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -51,8 +53,19 @@ def _csr_parts(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return s.crow_indices().to(torch.int32), s.col_indices().to(torch.int32), s.values().clone()
 
 
+KERNELS = ("addmm", "spmm_sum")
+
+
 class _SparseBase(nn.Module):
-    """Holds ``crow`` / ``col`` (int32) / ``values`` buffers and a cached CSR tensor over them."""
+    """Holds ``crow`` / ``col`` (int32) / ``values`` buffers and a cached CSR tensor over them.
+
+    ``kernel`` picks the product for more than one column: ``"addmm"`` (MKL's sparse × dense,
+    int32 indices) or ``"spmm_sum"`` (``torch.sparse.mm(W, x, "sum")``, ATen's vectorised
+    row-parallel SpMM, which needs int64 indices and was 10–35 % faster at batch ≥ 64 but 2×
+    slower at batch 16). A single column always uses ``torch.mv`` / ``addmv``.
+    """
+
+    kernel: str = "addmm"
 
     def _init_sparse(self, w2d: torch.Tensor, bias: torch.Tensor | None) -> None:
         crow, col, values = _csr_parts(w2d)
@@ -63,11 +76,20 @@ class _SparseBase(nn.Module):
         self._shape2d = tuple(w2d.shape)
         self._cache = None
 
+    def _cached(self) -> dict:
+        key = (self.crow.data_ptr(), self.col.data_ptr(), self.values.data_ptr(), self.values.device)
+        if self._cache is None or self._cache["key"] != key:
+            self._cache = {"key": key, "csr32": _csr(self.crow, self.col, self.values, self._shape2d)}
+        return self._cache
+
     def weight_csr(self) -> torch.Tensor:
-        key = (self.crow.data_ptr(), self.col.data_ptr(), self.values.data_ptr())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, _csr(self.crow, self.col, self.values, self._shape2d))
-        return self._cache[1]
+        return self._cached()["csr32"]
+
+    def _csr64(self) -> torch.Tensor:
+        c = self._cached()
+        if "csr64" not in c:
+            c["csr64"] = _csr(self.crow.long(), self.col.long(), self.values, self._shape2d)
+        return c["csr64"]
 
     @property
     def nnz(self) -> int:
@@ -85,6 +107,9 @@ class _SparseBase(nn.Module):
         """``W @ xt (+ bias)``: (out, N) from ``xt`` (in, N)."""
         if xt.shape[1] == 1:
             return self._matvec(xt[:, 0]).unsqueeze(1)
+        if self.kernel == "spmm_sum":
+            y = torch.sparse.mm(self._csr64(), xt, "sum")
+            return y if self.bias is None else y.add_(self.bias.unsqueeze(1))
         w = self.weight_csr()
         if self.bias is None:
             return torch.sparse.mm(w, xt)
@@ -92,8 +117,11 @@ class _SparseBase(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__().copy()
-        state["_cache"] = None                    # the CSR view is rebuilt from the buffers
+        state["_cache"] = None                    # the CSR views are rebuilt from the buffers
         return state
+
+    def extra_repr(self) -> str:
+        return f"nnz={self.nnz}, kernel={self.kernel}"
 
 
 class SparseLinear(_SparseBase):
@@ -132,7 +160,7 @@ class SparseLinear(_SparseBase):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
 
 
 class SparseConv2d(_SparseBase):
@@ -179,7 +207,7 @@ class SparseConv2d(_SparseBase):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, nnz={self.nnz}")
+                f"padding={self.padding}, {super().extra_repr()}")
 
 
 SPARSE_TYPES = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
@@ -192,31 +220,48 @@ def can_sparsify(m: nn.Module) -> bool:
             and not isinstance(m.padding, str))
 
 
-def time_pair(fa, fb, *, budget_s: float = 0.1, min_reps: int = 3, max_reps: int = 25, warmup: int = 2,
-              give_up: float = 4.0):
-    """Median seconds of ``fa()`` and ``fb()``, timed alternately after ``warmup`` calls each; when
-    ``fb``'s first call takes over ``give_up`` × ``fa``'s, those first times are returned at once."""
+def time_candidates(fns: dict, *, budget_s: float = 0.1, min_reps: int = 3, max_reps: int = 25,
+                    warmup: int = 2, give_up: float = 4.0, stat: str = "median") -> dict[str, float]:
+    """Seconds per call of each zero-argument function (``stat``: "median" or "min" of the runs),
+    timed round-robin after ``warmup`` calls.
+
+    The first entry is the baseline: a candidate whose first call takes over ``give_up`` × the
+    baseline's is dropped at once (reported with that first time), so hopeless kernels cost one call.
+    """
+    times: dict[str, list[float]] = {}
     with torch.no_grad():
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        t2 = time.perf_counter()
-        if t2 - t1 > give_up * (t1 - t0):
-            return t1 - t0, t2 - t1
-        for _ in range(warmup - 1):
-            fa(), fb()
-        ta, tb = [], []
-        start = time.perf_counter()
-        while len(ta) < max_reps and (len(ta) < min_reps or time.perf_counter() - start < budget_s):
+        for k, f in fns.items():
             t0 = time.perf_counter()
-            fa()
-            t1 = time.perf_counter()
-            fb()
-            t2 = time.perf_counter()
-            ta.append(t1 - t0)
-            tb.append(t2 - t1)
-    return statistics.median(ta), statistics.median(tb)
+            f()
+            times[k] = [time.perf_counter() - t0]
+        base = next(iter(times))
+        live = {k: f for k, f in fns.items() if k == base or times[k][0] <= give_up * times[base][0]}
+        for _ in range(warmup - 1):
+            for f in live.values():
+                f()
+        for k in live:
+            times[k] = []
+        start, n = time.perf_counter(), 0
+        while n < max_reps and (n < min_reps or time.perf_counter() - start < budget_s):
+            for k, f in live.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+            n += 1
+    reduce = min if stat == "min" else statistics.median
+    return {k: reduce(v) for k, v in times.items()}
+
+
+def time_pair(fa, fb, **kwargs) -> tuple[float, float]:
+    """Median seconds of ``fa()`` and ``fb()`` (see :func:`time_candidates`)."""
+    t = time_candidates({"a": fa, "b": fb}, **kwargs)
+    return t["a"], t["b"]
+
+
+def _make_sparse(m: nn.Module, kernel: str = "addmm") -> _SparseBase:
+    sp = SPARSE_TYPES[type(m)].from_dense(m)
+    sp.kernel = kernel
+    return sp
 
 
 def _density(m: nn.Module) -> float:
@@ -229,11 +274,14 @@ def sparsify(model: nn.Module, batch_size: int = 64, in_shape=None, *, measure: 
              choices: dict[str, str] | None = None) -> list[dict]:
     """Replace, in place, each Linear / Conv2d of ``model`` by its sparse version where that is faster.
 
-    ``choices`` (layer name -> "sparse" | "dense") forces the decision (e.g. read from a file);
-    otherwise ``measure=True`` times both on the layer's input for ``batch_size`` samples (the
-    layer input shapes come from one forward pass of ``in_shape``; MLPs need no ``in_shape``), and
-    ``measure=False`` uses ``density <= density_threshold``. Layers denser than 0.5 are never
-    timed. Returns one row per layer: layer, kind, density, choice, dense_ms, sparse_ms.
+    ``choices`` (layer name -> "dense" | "sparse" | "sparse:KERNEL", KERNEL one of
+    :data:`KERNELS`) forces the decision (e.g. read from a file); otherwise ``measure=True`` times
+    the dense layer and each sparse kernel on the layer's input for ``batch_size`` samples (input
+    shapes come from one forward pass of ``in_shape``; MLPs need no ``in_shape``) and takes the
+    fastest sparse kernel if it beats dense by ``min_speedup``; ``measure=False`` goes sparse
+    (addmm) when ``density <= density_threshold``. Linear layers denser than 0.5 and convs denser
+    than :data:`CONV_DENSITY_LIMIT` are never timed. Returns one row per layer: layer, kind,
+    density, choice, kernel, dense_ms, sparse_ms (the chosen or best sparse kernel's time).
     """
     model.eval()
     layers = [(n, m) for n, m in model.named_modules() if can_sparsify(m)]
@@ -251,22 +299,35 @@ def sparsify(model: nn.Module, batch_size: int = 64, in_shape=None, *, measure: 
     report = []
     for name, m in layers:
         d = _density(m)
-        row = {"layer": name, "kind": type(m).__name__, "density": d, "dense_ms": None, "sparse_ms": None}
+        row = {"layer": name, "kind": type(m).__name__, "density": d, "kernel": None,
+               "dense_ms": None, "sparse_ms": None}
+        kernel = "addmm"
         if choices is not None:
-            choice = choices.get(name, "dense")
+            choice, _, kernel = choices.get(name, "dense").partition(":")
+            kernel = kernel or "addmm"
+            if choice not in ("dense", "sparse") or kernel not in KERNELS:
+                from ..errors import UsageError
+                raise UsageError(f"layers[{name!r}]: unknown value {choices[name]!r}; allowed: dense, sparse, "
+                                 + ", ".join(f"sparse:{k}" for k in KERNELS))
         elif d > (0.5 if isinstance(m, nn.Linear) else CONV_DENSITY_LIMIT):
             choice = "dense"
         elif not measure or id(m) not in shapes:
             choice = "sparse" if d <= density_threshold else "dense"
         else:
-            sp = SPARSE_TYPES[type(m)].from_dense(m)
             x = torch.randn((batch_size,) + tuple(shapes[id(m)][0][1:]), dtype=m.weight.dtype)
-            td, ts = time_pair(lambda: m(x), lambda: sp(x))
-            row["dense_ms"], row["sparse_ms"] = td * 1e3, ts * 1e3
-            choice = "sparse" if ts * min_speedup < td else "dense"
-        row["choice"] = choice
+            fns = {"dense": lambda: m(x)}
+            # one column per sample for a Linear: batch 1 is a matvec, where the kernels are the same
+            ncols = batch_size * (math.prod(shapes[id(m)][1][2:]) if isinstance(m, nn.Conv2d) else 1)
+            for k in (KERNELS if ncols > 1 else KERNELS[:1]):
+                fns[k] = (lambda sp=_make_sparse(m, k): sp(x))
+            t = time_candidates(fns, stat="min")     # min: what the layer costs without the neighbours
+            kernel = min((k for k in fns if k != "dense"), key=t.get)
+            row["dense_ms"], row["sparse_ms"] = t["dense"] * 1e3, t[kernel] * 1e3
+            choice = "sparse" if t[kernel] * min_speedup < t["dense"] else "dense"
+        row["choice"] = choice if choice == "dense" or kernel == "addmm" else f"sparse:{kernel}"
         if choice == "sparse":
-            _replace(model, name, SPARSE_TYPES[type(m)].from_dense(m))
+            row["kernel"] = kernel
+            _replace(model, name, _make_sparse(m, kernel))
         report.append(row)
     return report
 

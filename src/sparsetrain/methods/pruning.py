@@ -244,7 +244,7 @@ class GMP(MaskedStrategy):
 
 @register("gmp", "gradual magnitude pruning (Zhu & Gupta): cubic sparsity schedule to --sparsity",
           lr=0.1, options=(sparsity_option(), fraction("initial_sparsity", 0.0, "sparsity s_i when GMP starts (gmp)"),
-                           fraction("prune_start", 0.0, "fraction of training at which pruning starts (gmp)"),
+                           fraction("prune_start", 0.1, "fraction of training at which pruning starts (gmp)"),
                            fraction("prune_end", 0.5, "fraction of training at which the target sparsity is "
                                                       "reached (gmp)"),
                            int_option("prune_every", 50, "steps between mask updates (gmp)", 1),

@@ -17,7 +17,8 @@ from .. import optim
 from ..init import sparse_init_
 from ..params import param_groups
 from ..regularizers import L1, make_regularizer
-from ..controller import SparsityController
+from ..controller import BudgetController, SparsityController
+from ..optim import BregmanOptimizer
 from .base import (BuildContext, Option, Strategy, fraction, momentum_option, nonnegative, positive,
                    register)
 
@@ -29,8 +30,9 @@ class Regularized(Strategy):
         super().__init__(model, optimizer)
         self.schedules_lr = schedules_lr
         target = ctx.options.get("sparsity")
-        self.controller = None if target is None else SparsityController(
-            optimizer, model, target, ctx.total_steps)
+        kind = BudgetController if isinstance(optimizer, BregmanOptimizer) and \
+            BudgetController.supports(optimizer) else SparsityController
+        self.controller = None if target is None else kind(optimizer, model, target, ctx.total_steps)
 
     def after_step(self, step: int) -> None:
         if self.controller is not None:

@@ -179,6 +179,11 @@ class BregmanOptimizer(SparseOptimizer):
     compares the group's (regularizer, δ) with the one its ``v`` was built with; when λ, δ or the
     regularizer changed, ``v`` is rebuilt from the current ``w`` first (no jump in ``w``).
     ``reinit_subgradient()`` does the same explicitly for all groups.
+
+    A group with ``inactive="keep"`` rebuilds v only where w ≠ 0 and lets zero entries keep the
+    v they accumulated: w is unchanged wherever |v| stays within the new threshold, and lowering
+    λ admits the entries with the most accumulated evidence first (the inverse scale space's
+    own order). The λ controller uses this; the default (``"reset"``) is SPEC §2's v₀.
     """
 
     _KEY = "bregman_state_for"  # group entry: the (reg, delta) the group's v was built with
@@ -199,11 +204,14 @@ class BregmanOptimizer(SparseOptimizer):
             self._reinit_group(group)
 
     def _reinit_group(self, group: dict) -> None:
-        delta = float(group["delta"])
+        delta, keep = float(group["delta"]), group.get("inactive") == "keep"
         for p in group["params"]:
             state = self.state.get(p)
             if state and "v" in state:
-                state["v"].copy_(bregman_v0(p.detach(), group.get("reg"), delta))
+                v0 = bregman_v0(p.detach(), group.get("reg"), delta)
+                if keep:  # zero entries keep their accumulated v (a λ controller's choice)
+                    v0 = torch.where(p.detach() != 0, v0, state["v"])
+                state["v"].copy_(v0)
         group[self._KEY] = self._key(group)
 
     def _check_key(self, group: dict) -> None:
