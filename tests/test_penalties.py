@@ -115,3 +115,25 @@ def test_halo_cli_smoke_prunes_to_the_target(extra, idx_dir, tmp_path):
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     if not extra:
         assert any(k.startswith("scales.") for k in ck["strategy"]["halo"])
+
+
+def test_halo_resume_after_a_crash_matches_an_uninterrupted_run(idx_dir, tmp_path, monkeypatch):
+    from sparsetrain.methods.halo import HALOStrategy
+    args = ["train", "--method", "halo", "--sparsity", "0.9", "--finetune-epochs", "1", "--data-dir", str(idx_dir),
+            "--train-subset", "256", "--test-subset", "128", "--epochs", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    original = HALOStrategy.after_step
+
+    def crash(self, step):
+        original(self, step)
+        if step == 3:                                 # epoch 2 of 2 (2 steps each), before the prune
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(HALOStrategy, "after_step", crash)
+    assert main([*args, "--out", str(tmp_path / "run")]) == 130
+    monkeypatch.setattr(HALOStrategy, "after_step", original)
+    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    res = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert res["test_loss"] == ref["test_loss"] and res["scale_mean"] == ref["scale_mean"]
+    assert res["accuracy_before_prune"] == ref["accuracy_before_prune"]

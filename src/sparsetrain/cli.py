@@ -53,6 +53,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, metavar="FILE.json",
                    help="JSON object of train settings (the flags below without dashes, e.g. "
                         '{"method": "gmp", "epochs": 5, "sparsity": 0.9}); flags given here override it')
+    g.add_argument("--recipe", default=None, metavar="NAME",
+                   help="a seed paper's published configuration, read like a --config file: "
+                        f"{', '.join(_recipe_names()) or 'none found'}, or a path to a JSON file; "
+                        "--config and flags given here override it")
     g.add_argument("--method", default="linbreg", help=f"one of: {', '.join(sorted(METHODS))} (default linbreg)")
     g.add_argument("--model", default="lenet300", help=f"one of: {', '.join(MODELS)} (default lenet300)")
     g.add_argument("--data", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)} (default fashion-mnist)")
@@ -104,12 +108,23 @@ def config_from_args(args: argparse.Namespace):
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     fields = {f for f in TrainConfig.__dataclass_fields__ if f != "options"}
     values = {k: v for k, v in vars(args).items() if k in fields}
+    layers = []                                         # --recipe, then --config over it
+    if getattr(args, "recipe", None):
+        from .recipes import load_recipe
+        layers.append(load_recipe(args.recipe))
     if getattr(args, "config", None):
-        file_values, file_opts = load_config_file(args.config)
-        given = getattr(args, "explicit", set())       # flags typed on the command line win
-        values.update({k: v for k, v in file_values.items() if k not in given})
-        opts = {**file_opts, **opts}
-    return TrainConfig(**values, options=opts)
+        layers.append(load_config_file(args.config))
+    given = getattr(args, "explicit", set())           # flags typed on the command line win
+    file_opts = {}
+    for layer_values, layer_opts in layers:
+        values.update({k: v for k, v in layer_values.items() if k not in given})
+        file_opts.update(layer_opts)
+    return TrainConfig(**values, options={**file_opts, **opts})
+
+
+def _recipe_names() -> list[str]:
+    from .recipes import available
+    return list(available())
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -266,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "config", None):
+        if getattr(args, "config", None) or getattr(args, "recipe", None):
             args.explicit = _explicit_train_flags(argv)
         return args.func(args)
     except UsageError as e:

@@ -8,7 +8,8 @@ the requested d_T = 1 − sparsity:
 
 :class:`SparsityController` (ProxSGD, xRDA, gRDA — methods that start dense and *remove*
 weights): every ``every`` steps it multiplies the optimizer's λ (``opt.scale_lam``) by
-``clip(exp(gain · log(density / density*(t))), 1/max_factor, max_factor)``.
+``exp(clip(gain · log(density / density*(t)), −c, c))``, where the cap c (at most
+log max_factor) halves whenever the error changes sign and grows back by 20 % while it does not.
 
 :class:`BudgetController` (LinBreg, AdaBreg — inverse scale space methods that start sparse and
 *add* weights): a zero entry of a Bregman method becomes nonzero when its accumulated
@@ -33,7 +34,7 @@ from .params import prunable_weights
 
 class SparsityController:
     def __init__(self, optimizer, model: nn.Module, sparsity: float, total_steps: int, *,
-                 every: int = 5, ramp: float = 0.75, gain: float = 0.5, max_factor: float = 2.0,
+                 every: int = 5, ramp: float = 0.75, gain: float = 1.0, max_factor: float = 2.0,
                  min_lam: float = 1e-12):
         check(0 <= sparsity < 1, "--sparsity", "in [0, 1)", sparsity)
         check(0 < ramp <= 1, "ramp", "in (0, 1]", ramp)
@@ -43,6 +44,7 @@ class SparsityController:
         self.gain, self.max_factor, self.min_lam = gain, max_factor, min_lam
         self.start_density: float | None = None
         self.trajectory: list[tuple[int, float, float]] = []   # (step, λ, density)
+        self._cap, self._last_err = math.log(max_factor), 0.0
 
     def target_density(self, step: int) -> float:
         d0 = self.start_density if self.start_density is not None else self.target
@@ -68,18 +70,27 @@ class SparsityController:
 
     def _adjust(self, step: int, d: float) -> None:
         err = math.log(max(d, 1e-9) / max(self.target_density(step), 1e-9))
-        factor = min(self.max_factor, max(1.0 / self.max_factor, math.exp(self.gain * err)))
+        # Rprop-style step cap (log space): shrink it when the error changes sign (the density
+        # can respond steeply to λ), let it grow back while the sign holds
+        if err * self._last_err < 0:
+            self._cap = max(1e-3, self._cap * 0.5)
+        elif err != 0:
+            self._cap = min(math.log(self.max_factor), self._cap * 1.2)
+        self._last_err = err
+        factor = math.exp(max(-self._cap, min(self._cap, self.gain * err)))
         if self.lam() * factor < self.min_lam:       # λ = 0 stays 0 under scaling: restart it
             self.optimizer.set_lam(self.min_lam)
         elif factor != 1.0:
             self.optimizer.scale_lam(factor)
 
     def state_dict(self) -> dict:
-        return {"start_density": self.start_density, "trajectory": [list(t) for t in self.trajectory]}
+        return {"start_density": self.start_density, "trajectory": [list(t) for t in self.trajectory],
+                "cap": self._cap, "last_err": self._last_err}
 
     def load_state_dict(self, state: dict) -> None:
         self.start_density = state.get("start_density")
         self.trajectory = [tuple(t) for t in state.get("trajectory", [])]
+        self._cap, self._last_err = state.get("cap", self._cap), state.get("last_err", 0.0)
 
 
 class BudgetController(SparsityController):

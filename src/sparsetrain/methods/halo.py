@@ -98,7 +98,7 @@ class HALOStrategy(MaskedStrategy):
 @register("halo", "hierarchical adaptive lasso (HALO): trainable per-weight penalty scales, then a global "
           "magnitude prune to --sparsity", lr=0.1,
           options=(sparsity_option(),
-                   positive("xi", 1e-5, "HALO ξ: weight of Σ|w|/λ² (halo; mcp variant: the MCP λ)"),
+                   positive("xi", 3e-6, "HALO ξ: weight of Σ|w|/λ² (halo; mcp variant: the MCP λ)"),
                    positive("psi", 1e-4, "HALO ψ: weight of the scale budget |Σ|λ| − P| (halo; mcp: γ)"),
                    nonnegative("halo_budget", 0.0, "HALO P in ψ|Σ|λ| − P| (halo)"),
                    Option("halo_squared", bool, False, "use ψ(Σ|λ| − P)² instead of ψ|Σ|λ| − P| (halo)"),

@@ -7,7 +7,9 @@ r"""gRDA: generalized regularized dual averaging (Chao et al., "Directional prun
     w_n &= S_{θ_n}(\mathrm{acc}_n)
 
 At a constant learning rate the increments telescope to θ_n = c·lr^{μ+½}·n^μ; accumulating
-increments keeps learning-rate schedules valid. Groups with ``penalize=False`` (or built by
+increments keeps learning-rate schedules valid. The state keeps θ_n/c (``threshold_unit``) and
+``threshold`` = c·θ_n/c, so that a λ controller that changes c rescales the whole threshold at
+once (as λ scales xRDA's accumulated T); at a constant c the two are the same. Groups with ``penalize=False`` (or built by
 :func:`sparsetrain.param_groups` with ``reg=None``: biases, norms) take plain SGD steps.
 The penalty strength seen by ``get_lam``/``set_lam`` is ``c``.
 """
@@ -67,10 +69,11 @@ class GRDA(SparseOptimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["threshold"] = 0.0
+                    state["threshold_unit"] = 0.0
                     state["acc"] = p.detach().clone(memory_format=torch.preserve_format)
                 n = state["step"] = state["step"] + 1
-                state["threshold"] += c * lr ** 0.5 * ((n * lr) ** mu - ((n - 1) * lr) ** mu)
+                state["threshold_unit"] += lr ** 0.5 * ((n * lr) ** mu - ((n - 1) * lr) ** mu)
+                state["threshold"] = c * state["threshold_unit"]
                 accs.append(state["acc"])
                 thresholds.append(state["threshold"])
             if params:

@@ -1,0 +1,58 @@
+"""λ controllers: runs end at the requested sparsity; Bregman λ changes never make weights jump."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.cli import main
+from sparsetrain.controller import BudgetController, SparsityController
+from sparsetrain.metrics import sparsity
+from sparsetrain.optim import LinBreg
+from sparsetrain.regularizers import L1
+
+
+def test_target_density_follows_the_cubic_ramp():
+    model = nn.Linear(10, 10)
+    c = SparsityController(torch.optim.SGD(model.parameters(), lr=0.1), model, 0.9, total_steps=100, ramp=0.5)
+    c.start_density = 1.0
+    assert c.target_density(0) == pytest.approx(1.0)
+    assert c.target_density(25) == pytest.approx(0.1 + 0.9 * 0.5 ** 3)
+    assert c.target_density(50) == pytest.approx(0.1) and c.target_density(99) == pytest.approx(0.1)
+
+
+def test_keep_inactive_reinit_changes_no_weight():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(50) * (torch.rand(50) < 0.3))
+    opt = LinBreg([{"params": [w], "reg": L1(0.5), "inactive": "keep"}], lr=0.1)
+    w.grad = torch.randn(50)
+    opt.step()
+    v_before, w_before = opt.state[w]["v"].clone(), w.detach().clone()
+    opt.scale_lam(3.0)                 # a λ change: v rebuilt where w ≠ 0, kept where w = 0
+    w.grad = torch.zeros(50)
+    opt.step()
+    assert torch.allclose(w.detach(), w_before, atol=1e-6, rtol=0) and torch.equal(w.detach() == 0, w_before == 0)
+    zero = w_before == 0
+    assert torch.equal(opt.state[w]["v"][zero], v_before[zero])
+
+
+@pytest.mark.parametrize("method, extra", [("linbreg", []), ("adabreg", []), ("linbreg", ["--momentum", "0.9"]),
+                                           ("proxsgd", []), ("xrda", []), ("grda", [])])
+def test_runs_end_at_the_requested_sparsity(method, extra, idx_dir, tmp_path):
+    out = tmp_path / method
+    assert main(["train", "--method", method, "--sparsity", "0.9", "--data-dir", str(idx_dir), "--epochs", "4",
+                 "--batch-size", "8", "--out", str(out), "--no-progress", *extra]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert abs(s["sparsity"] - 0.9) <= 0.005, s["sparsity"]
+    assert s["target_sparsity"] == pytest.approx(0.9)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("lam" in l for l in lines)
+
+
+def test_budget_controller_is_used_for_bregman_l1():
+    model = nn.Sequential(nn.Linear(8, 8))
+    opt = LinBreg(model.parameters(), lr=0.1, reg=L1(1e-3))
+    assert BudgetController.supports(opt)
+    c = BudgetController(opt, model, 0.5, total_steps=10)
+    assert opt.get_lam()[0] >= 1.0 and opt.param_groups[0]["inactive"] == "keep"
+    assert sparsity(model) == 0.0 and c.target == pytest.approx(0.5)
