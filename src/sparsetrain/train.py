@@ -416,10 +416,16 @@ def train(cfg: TrainConfig | None = None, *, loaders: Loaders | None = None, mod
           train_data=None, test_data=None, **kwargs) -> dict:
     """Train and return the summary.
 
-    ``train(method="linbreg", epochs=5, out="runs/x")`` trains on a built-in dataset;
+    ``train(method="linbreg", epochs=5, sparsity=0.95, out="runs/x")`` trains on a built-in
+    dataset (keywords that are not :class:`TrainConfig` fields are the method's options);
     ``train(train_data=ds_or_loader, test_data=..., model=net, method="adabreg")`` on the user's
     own ``Dataset``/``DataLoader`` objects."""
-    cfg = cfg or TrainConfig(**kwargs)
+    if isinstance(model, str):   # a model name, not a module
+        kwargs["model"], model = model, None
+    if cfg is None:   # keyword arguments that are no TrainConfig field are method options
+        fields = set(TrainConfig.__dataclass_fields__)
+        options = {**kwargs.pop("options", {}), **{k: kwargs.pop(k) for k in list(kwargs) if k not in fields}}
+        cfg = TrainConfig(**kwargs, options=options)
     if train_data is not None:
         if test_data is None:
             raise UsageError("test_data: required when train_data is given (a Dataset or DataLoader)")
