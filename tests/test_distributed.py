@@ -19,7 +19,7 @@ import torch
 from sparsetrain.cli import main
 from sparsetrain.data import TensorLoader
 from sparsetrain.methods import METHODS
-from sparsetrain.train import TrainConfig, Trainer
+from sparsetrain.trainer import TrainConfig, Trainer
 
 # batch 45 over 2 ranks: shards of 23 and 22 samples, and a last batch of 25 (13 + 12), so the
 # test also covers unequal shards
@@ -43,7 +43,7 @@ torch.set_num_threads(1)
 spec = json.loads(sys.argv[1])
 rank, out = int(os.environ["RANK"]), spec["out"]
 from sparsetrain.cli import main
-from sparsetrain.train import TrainConfig, Trainer
+from sparsetrain.trainer import TrainConfig, Trainer
 
 def cli(argv):
     err, std = io.StringIO(), io.StringIO()

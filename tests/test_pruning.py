@@ -13,7 +13,7 @@ from sparsetrain.methods import BuildContext, get_method
 from sparsetrain.params import prunable_weights
 from sparsetrain.pruning import (Mask, allocate_counts, cosine_decay, gmp_sparsity, layer_densities,
                                  layerwise_magnitude_masks, magnitude_masks)
-from sparsetrain.train import TrainConfig
+from sparsetrain.trainer import TrainConfig
 
 
 def tiny_model(seed=0):

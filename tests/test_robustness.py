@@ -14,7 +14,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-import sparsetrain.train as train_mod
+import sparsetrain.trainer as train_mod
 from sparsetrain.checkpoint import load_checkpoint, save_checkpoint
 from sparsetrain.cli import main
 from sparsetrain.errors import UsageError

@@ -6,7 +6,7 @@ import torch
 from sparsetrain.cli import main
 from sparsetrain.errors import UsageError
 from sparsetrain.methods import METHODS, Strategy, register
-from sparsetrain.train import TrainConfig, Trainer, train
+from sparsetrain.trainer import TrainConfig, Trainer, train
 
 TINY = dict(model="lenet300", data="fashion-mnist", epochs=3, batch_size=64, progress=False)
 

@@ -6,7 +6,7 @@ adaptive reweighting, HALO) next to the pruning baselines users compare them wit
 """
 from . import data, init, metrics, models, optim, regularizers
 from .params import param_groups, prunable_weights
-from .train import TrainConfig, Trainer, train
+from .trainer import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 __all__ = ["train", "TrainConfig", "Trainer", "param_groups", "prunable_weights", "data", "init",

@@ -47,7 +47,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .methods import METHODS
     from .methods.base import all_options
     from .models import MODELS
-    from .train import SCHEDULES
+    from .trainer import SCHEDULES
 
     g = p.add_argument_group("run")
     g.add_argument("--config", default=None, metavar="FILE.json",
@@ -104,7 +104,7 @@ def _parse_bool(text: str) -> bool:
 
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig of parsed ``train`` flags over the ``--config`` file's values (if any)."""
-    from .train import TrainConfig
+    from .trainer import TrainConfig
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     fields = {f for f in TrainConfig.__dataclass_fields__ if f != "options"}
     values = {k: v for k, v in vars(args).items() if k in fields}
@@ -152,7 +152,7 @@ def load_config_file(path: str) -> tuple[dict, dict]:
     Keys are TrainConfig fields and method options (dashes or underscores), or ``options``: an
     object of method options. Unknown keys and wrong types are one-line errors."""
     from .methods.base import all_options
-    from .train import TrainConfig
+    from .trainer import TrainConfig
     where = f"--config {path}"
     try:
         text = open(path, "rb").read().decode("utf-8")
@@ -212,7 +212,7 @@ def _explicit_train_flags(argv: list[str] | None) -> set[str]:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from .trainer import train
     summary = train(config_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:      # under torchrun: rank 0 prints the summary
         return 0

@@ -165,7 +165,7 @@ def run_name(method: str, target: float | None, seed: int) -> str:
 
 def _plan(methods, sparsities, seeds, base: dict, overrides) -> list[dict]:
     """Every run, seed-major (one seed of every method first: a usable table early)."""
-    from .train import TrainConfig
+    from .trainer import TrainConfig
     plan = []
     for seed in range(seeds):
         for method in methods:
@@ -191,10 +191,22 @@ def _check_same(run_dir: Path, expected: dict) -> None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return                                   # no readable config: the trainer checks the checkpoint
+    if not isinstance(old, dict):
+        return
+    diffs = []
     for key in _SAME:
-        if key in old and old[key] != expected[key]:
-            raise UsageError(f"--out: {run_dir} holds a run with {key}={json.dumps(old[key])}, this compare asks "
-                             f"for {json.dumps(expected[key])}; allowed: the same settings, or another --out")
+        if key not in old:
+            continue
+        if key == "options" and isinstance(old[key], dict):
+            # an option left None is filled in by the method when it builds (e.g. a starting λ)
+            diffs += [(k, old[key][k], v) for k, v in expected[key].items()
+                      if v is not None and k in old[key] and old[key][k] != v]
+        elif old[key] != expected[key]:
+            diffs.append((key, old[key], expected[key]))
+    if diffs:
+        key, was, now = diffs[0]
+        raise UsageError(f"--out: {run_dir} holds a run with {key}={json.dumps(was)}, this compare asks for "
+                         f"{json.dumps(now)}; allowed: the same settings, or another --out")
 
 
 # ============================================================================ compare
@@ -215,7 +227,7 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
     from .data import DATASETS, locate
     from .errors import check, choice
     from .models import MODELS
-    from .train import Trainer, resolve_device
+    from .trainer import Trainer, resolve_device
 
     log = log or (lambda line: print(line, flush=True))
     methods = parse_methods(methods)
@@ -316,8 +328,8 @@ def _row(run: dict, summary: dict, run_dir: Path, out: Path) -> dict:
             "compression_ratio": summary.get("compression_ratio"),
             "epochs": summary.get("epochs", run["cfg"].epochs), "wall_seconds": summary.get("wall_seconds"),
             "flops_relative": (summary.get("flops") or {}).get("relative"),
-            "per_layer": [{"layer": r["layer"], "numel": r["numel"], "nnz": r["nnz"], "density": r["density"]}
-                          for r in summary.get("per_layer", [])],
+            "per_layer": [{"layer": r["layer"], "shape": r.get("shape"), "numel": r["numel"], "nnz": r["nnz"],
+                           "density": r["density"]} for r in summary.get("per_layer", [])],
             "extras": extras}
 
 
@@ -346,16 +358,19 @@ def aggregate(rows: list[dict], settings: dict) -> list[dict]:
         de, de_std = _mean_std([r["density"] for r in rs])
         wall, _ = _mean_std([r.get("wall_seconds") for r in rs])
         layers: dict[str, list[float]] = {}
+        shapes: dict[str, Any] = {}
         for r in rs:
             for layer in r.get("per_layer", []):
                 layers.setdefault(layer["layer"], []).append(layer["density"])
+                shapes.setdefault(layer["layer"], layer.get("shape"))
         out.append({"method": method, "target": target, "reference": target is None, "n": len(rs),
                     "seeds": sorted(r["seed"] for r in rs),
                     "test_accuracy_mean": acc, "test_accuracy_std": acc_std,
                     "sparsity_mean": sp, "sparsity_std": sp_std, "density_mean": de, "density_std": de_std,
                     "epochs": max(r["epochs"] for r in rs), "wall_seconds_mean": wall,
                     "wall_seconds_total": sum(r.get("wall_seconds") or 0.0 for r in rs),
-                    "per_layer_density": [{"layer": k, "density": sum(v) / len(v)} for k, v in layers.items()]})
+                    "per_layer_density": [{"layer": k, "shape": shapes[k], "density": sum(v) / len(v)}
+                                          for k, v in layers.items()]})
     return out
 
 
@@ -485,8 +500,9 @@ def render_plots(results: dict, out: Path) -> list[str]:
         top = max(targets)
         cells = [a for a in aggs if a["target"] == top and a["per_layer_density"]]
         layers = list(dict.fromkeys(l["layer"] for a in cells for l in a["per_layer_density"]))
+        shapes = {l["layer"]: l.get("shape") for a in cells for l in a["per_layer_density"]}
         if cells and layers:
-            fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(layers) + 2), 4.5))
+            fig, ax = plt.subplots(figsize=(max(6.0, min(0.9 * len(layers) + 2, 0.3 * len(layers) + 4)), 4.5))
             width = 0.8 / len(cells)
             for i, a in enumerate(cells):
                 dens = {l["layer"]: l["density"] for l in a["per_layer_density"]}
@@ -494,13 +510,15 @@ def render_plots(results: dict, out: Path) -> list[str]:
                 ax.bar(xs, [max(dens.get(l, math.nan), 1e-6) for l in layers], width, label=a["method"])
             ax.axhline(1 - top, color="grey", lw=0.8, ls=":", label=f"target density {1 - top:.3g}")
             ax.set_xticks(range(len(layers)))
-            ax.set_xticklabels([l.removesuffix(".weight") for l in layers], rotation=45 if len(layers) > 6 else 0,
-                               ha="right" if len(layers) > 6 else "center", fontsize=8)
+            many = len(layers) > 6
+            ax.set_xticklabels([l.removesuffix(".weight") + ("" if not shapes.get(l) else
+                                ("  " if many else "\n") + "×".join(map(str, shapes[l]))) for l in layers],
+                               rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
             ax.set_yscale("log")
             ax.set_ylabel("layer density (log scale)")
-            ax.set_title(f"per-layer density at target sparsity {100 * top:g} % ({title})")
+            ax.set_title(f"per-layer density at target sparsity {100 * top:g} %\n{title}", fontsize=10)
             ax.grid(True, axis="y", which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
             fig.tight_layout()
             fig.savefig(out / "layers.png", dpi=120)
             plt.close(fig)

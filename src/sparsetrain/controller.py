@@ -142,7 +142,13 @@ class BudgetController(SparsityController):
         if need > 0:   # admit the `need` strongest candidates: factor between k-th and (k+1)-th score
             k = min(need, scores.numel())
             top = torch.topk(scores, min(k + 1, scores.numel())).values
-            factor = float(top[k - 1] + top[k]) / 2 if k < scores.numel() else 0.0
+            if k < top.numel() and top[k - 1] > top[k]:
+                factor = float(top[k - 1] + top[k]) / 2
+            else:  # a tie at the boundary (Adam-type steps), or fewer candidates than allowed
+                factor = float(top[k - 1]) * (1 - 1e-6)
+            # λ falls at most by max_factor per update: candidates that only start to receive
+            # gradients (newly connected units) must not all be let in at once
+            factor = max(factor, 1.0 / self.max_factor)
         else:          # at the budget: nobody new until the next update
             factor = max(1.0, float(scores.max()) * self.margin)
         if factor > 0 and factor != 1.0:

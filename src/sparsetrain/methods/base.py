@@ -3,7 +3,7 @@
 A *method* (``dense``, ``linbreg``, ``gmp``, ``halo`` ...) is registered with :func:`register`
 as a builder ``build(model, ctx) -> Strategy``, a help line, a default learning rate and its own
 :class:`Option` s (each becomes a ``--flag`` of ``sparsetrain train``). A :class:`Strategy` owns
-the optimizer and hooks into the plain training loop of :mod:`sparsetrain.train`:
+the optimizer and hooks into the plain training loop of :mod:`sparsetrain.trainer`:
 
     for epoch in range(strategy.total_epochs(cfg.epochs)):
         for step, (x, y) in batches:
@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..train import TrainConfig, Trainer
+    from ..trainer import TrainConfig, Trainer
 
 
 @dataclass(frozen=True)

@@ -5,23 +5,31 @@ keep pruned weights, their gradients and their optimizer state at zero with a
 :class:`~sparsetrain.pruning.Mask`. SGD with (heavy-ball) momentum, ``--weight-decay`` on all
 parameters.
 
-``magnitude``  train dense for ``--prune-at`` × epochs, prune once (global magnitude by default),
+Every method takes ``--distribution``: ``global`` (one magnitude threshold over all layers, the
+default of magnitude/gmp/imp), ``uniform`` (layer-wise: the same sparsity in every layer) or
+``erk`` (Erdős–Rényi-kernel layer densities; RigL's default).
+
+``magnitude``  train dense for ``--prune-at`` (0.5) × epochs, prune once (global magnitude),
                fine-tune for the rest of the epochs with the mask fixed. The run's LR schedule
                spans all epochs (the fine-tuning continues it). Reports the accuracy right before
                and after the prune.
-``gmp``        gradual magnitude pruning (Zhu & Gupta 2017): every ``--prune-every`` steps between
-               ``--prune-start`` and ``--prune-end`` (fractions of training) the sparsity follows
-               ``s_t = s_f + (s_i − s_f)(1 − (t − t0)/(t1 − t0))³``; pruned weights stay zero.
+``gmp``        gradual magnitude pruning (Zhu & Gupta 2017): every ``--prune-every`` steps (50)
+               between ``--prune-start`` (0.1) and ``--prune-end`` (0.5), fractions of training,
+               the sparsity follows ``s_t = s_f + (s_i − s_f)(1 − (t − t0)/(t1 − t0))³``
+               (``--initial-sparsity`` s_i, 0); pruned weights stay zero; the rest of training
+               fine-tunes at the target. On LeNet-300-100 / Fashion-MNIST, 20 epochs, lr 0.1 cosine,
+               ``--sparsity 0.98`` reaches ≈ 88.9 % test accuracy (dense: 89.7 %).
 ``imp``        iterative magnitude pruning with weight rewinding (lottery ticket, Frankle et al.):
-               ``--levels`` L rounds of ``--epochs`` E epochs each (L × E epochs in total, reported
-               as ``total_epochs``). After rounds 1 … L−1 the surviving weights are pruned by a
+               ``--levels`` L (5) rounds of ``--epochs`` E epochs each (L × E epochs in total,
+               reported as ``total_epochs``, with each round's accuracy under ``levels``). After rounds 1 … L−1 the surviving weights are pruned by a
                rate ``1 − (1 − s)^{1/(L−1)}`` (so the last round trains at the target), rewound to
                their values at ``--rewind-step`` (default: the end of the first epoch), the
                optimizer state is reset and the LR schedule restarts.
 ``rigl``       RigL (Evci et al. 2020) at fixed sparsity: a random mask with the layer densities of
                ``--distribution`` (``erk`` by default; ``uniform`` = the same sparsity in every
-               layer). Every ``--update-every`` steps until ``--update-end`` of training, per layer,
-               drop the fraction α_t = α/2 (1 + cos(π t / t_end)) of active weights with the
+               layer). Every ``--update-every`` ΔT (100) steps until ``--update-end`` (0.75) of
+               training, per layer, drop the fraction α_t = α/2 (1 + cos(π t / t_end))
+               (``--drop-fraction`` α, 0.3) of active weights with the
                smallest magnitude and grow as many inactive ones with the largest dense-gradient
                magnitude; new weights start at 0 with zero momentum. Layer densities stay exactly
                constant. The RigL paper keeps the first layer dense in its ``uniform`` runs
@@ -55,7 +63,7 @@ def int_option(name, default, help, minimum=0):
 # ---------------------------------------------------------------------------------------- helpers
 def schedule_fn(cfg, steps_per_epoch: int, epochs: int):
     """The run's LR multiplier k -> factor for a schedule of ``epochs`` epochs (None: plateau)."""
-    from ..train import make_scheduler                # lazy: train imports the methods
+    from ..trainer import make_scheduler                # lazy: trainer imports the methods
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = make_scheduler(dummy, cfg, steps_per_epoch, epochs)
     return sched.lr_lambdas[0] if isinstance(sched, torch.optim.lr_scheduler.LambdaLR) else None

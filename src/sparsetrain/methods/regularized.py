@@ -5,9 +5,15 @@ Linear/Conv weights carry the regularizer (``--reg``, strength ``--lam``); biase
 trained plainly. ``--exclude REGEX`` keeps matching layers dense (e.g. the last classifier).
 Bregman methods start from a sparse initialisation (``--init-density``, SPEC §2).
 
-``--sparsity S`` hands λ to a :class:`~sparsetrain.controller.SparsityController` that adapts it
-during training so the run ends at sparsity S; ``--lam`` is then only the starting value. The λ
-trajectory is logged (``lam`` in metrics.jsonl, ``lam_trajectory`` in summary.json).
+``--sparsity S`` hands λ to a controller (:mod:`sparsetrain.controller`) that adapts it during
+training so the run ends at sparsity S; ``--lam`` is then only the starting value. Given
+``--lam`` alone, λ stays fixed (for experts); given neither, the target is ``DEFAULT_SPARSITY``.
+The λ trajectory is logged (``lam`` in metrics.jsonl, ``lam_trajectory`` in summary.json).
+
+Defaults are the best settings measured on LeNet-300-100 / Fashion-MNIST at 98 % sparsity (20
+epochs; see the README): LinBreg lr 1 with dampened momentum 0.9 (the same effective step as
+SGD lr 0.1 with momentum 0.9) from a 0.2 % sparse initialisation; AdaBreg lr 3e-3 from 0.2 %;
+xRDA s₀ = 1, τ = τ_b = 9.5 (the paper's values).
 """
 from __future__ import annotations
 
@@ -21,6 +27,19 @@ from ..controller import BudgetController, SparsityController
 from ..optim import BregmanOptimizer
 from .base import (BuildContext, Option, Strategy, fraction, momentum_option, nonnegative, positive,
                    register)
+
+
+DEFAULT_SPARSITY = 0.9
+DEFAULT_LAM = 1e-3
+
+
+def _target(options: dict, lam_key: str = "lam") -> dict:
+    """Fill in the target sparsity and the (starting) λ: a λ given alone stays fixed."""
+    if options.get("sparsity") is None and options.get(lam_key) is None:
+        options["sparsity"] = DEFAULT_SPARSITY
+    if options.get(lam_key) is None:
+        options[lam_key] = DEFAULT_LAM
+    return options
 
 
 class Regularized(Strategy):
@@ -54,7 +73,8 @@ class Regularized(Strategy):
             self.controller.load_state_dict(state["controller"])
 
 
-TARGET = fraction("sparsity", None, "target sparsity: adapt λ so the run ends there (default: fixed --lam)")
+TARGET = fraction("sparsity", None, "target sparsity: adapt λ so the run ends there "
+                  f"(default {DEFAULT_SPARSITY}, or a fixed λ when only --lam/--c is given)")
 
 REGS = ("l1", "group", "conv-group", "sparse-group", "nuclear", "none")
 
@@ -82,21 +102,21 @@ def _layer_regularizers(kind: str, lam: float, groups: str):
 
 
 def _groups(model, ctx: BuildContext, **extra):
-    o = ctx.options
+    o = _target(ctx.options)
     select = _layer_regularizers(o["reg"], o["lam"], o["groups"])
     return param_groups(model, select, exclude=o["exclude"] or None, **extra)
 
 
 REG_OPTIONS = (
     Option("reg", str, "l1", "regularizer on Linear/Conv weights", choices=REGS),
-    nonnegative("lam", 1e-3, "regularization strength λ"),
+    nonnegative("lam", None, "regularization strength λ (fixed unless --sparsity is given)"),
     Option("groups", str, "kernels", "conv grouping for group regularizers", choices=("kernels", "filters")),
     Option("exclude", str, "", "regex of layer names kept dense and unregularized (e.g. 'fc$')"),
     TARGET,
 )
 BREGMAN_OPTIONS = REG_OPTIONS + (
     positive("delta", 1.0, "elastic-net parameter δ of J_δ = J + ‖·‖²/(2δ)"),
-    Option("init_density", float, 0.01, "density p of the sparse initialisation (1 = dense init)",
+    Option("init_density", float, 0.002, "density p of the sparse initialisation (1 = dense init)",
            "in (0, 1]", lambda v: 0 < v <= 1),
     Option("init_scale", float, 0.0, "scale r of the sparse initialisation (0 = 1/√p)", ">= 0", lambda v: v >= 0),
 )
@@ -117,8 +137,8 @@ def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     return Regularized(model, opt, ctx)
 
 
-@register("linbreg", "LinBreg: linearized Bregman iterations, sparse init (Bungert et al.)", lr=0.1,
-          options=BREGMAN_OPTIONS + (momentum_option(0.0),))
+@register("linbreg", "LinBreg: linearized Bregman iterations, sparse init (Bungert et al.)", lr=1.0,
+          options=BREGMAN_OPTIONS + (momentum_option(0.9),))
 def build_linbreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
     opt = optim.LinBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
@@ -126,7 +146,7 @@ def build_linbreg(model, ctx: BuildContext) -> Strategy:
     return Regularized(model, opt, ctx)
 
 
-@register("adabreg", "AdaBreg: Adam-type Bregman iterations, sparse init (Bungert et al.)", lr=1e-3,
+@register("adabreg", "AdaBreg: Adam-type Bregman iterations, sparse init (Bungert et al.)", lr=3e-3,
           options=BREGMAN_OPTIONS)
 def build_adabreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
@@ -136,7 +156,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
 
 @register("xrda", "extended RDA with adaptively reweighted ℓ1 (Siegel et al.)", lr=1.0,
           options=(
-              nonnegative("lam", 1e-3, "regularization strength λ"),
+              nonnegative("lam", None, "regularization strength λ (fixed unless --sparsity is given)"),
               Option("mode", str, "normal", "reweighting groups", choices=("normal", "kernel", "channel")),
               positive("max_factor", 500.0, "maximum reweighting factor M (1 = plain ℓ1)"),
               positive("tau", 9.5, "momentum time scale τ (β = exp(−s/τ))"),
@@ -147,7 +167,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
               TARGET,
           ))
 def build_xrda(model, ctx: BuildContext) -> Strategy:
-    o = ctx.options
+    o = _target(ctx.options)
     groups = param_groups(model, L1(o["lam"]), exclude=o["exclude"] or None)
     opt = optim.XRDA(groups, lr=ctx.cfg.lr, lam=o["lam"], max_factor=o["max_factor"], tau=o["tau"],
                      tau_b=o["tau_b"], schedule=o["averaging"], mode=o["mode"],
@@ -158,12 +178,12 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
 
 @register("grda", "generalized RDA (Chao et al., directional pruning)", lr=0.1,
           options=(
-              positive("c", 1e-3, "threshold constant c"),
+              positive("c", None, "threshold constant c (fixed unless --sparsity is given)"),
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
               Option("exclude", str, "", "regex of layer names kept dense and unregularized"),
               TARGET,
           ))
 def build_grda(model, ctx: BuildContext) -> Strategy:
-    o = ctx.options
+    o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
     return Regularized(model, optim.GRDA(groups, lr=ctx.cfg.lr, c=o["c"], mu=o["mu"]), ctx)
