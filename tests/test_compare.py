@@ -10,8 +10,8 @@ from sparsetrain.cli import main
 from sparsetrain.compare import compare
 from sparsetrain.trainer import Trainer
 
-# 600 samples at batch 16: 38 steps, enough for LinBreg's λ controller to land on its target
-SMALL = dict(epochs=1, batch_size=16, train_subset=600, test_subset=100)
+# 600 samples at batch 16, 3 epochs: 114 steps, enough for LinBreg's λ controller to land on its target
+SMALL = dict(epochs=3, batch_size=16, train_subset=600, test_subset=100)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -46,7 +46,7 @@ def test_runs_results_and_progress_lines(done):
                             "wall_seconds", "per_layer"}
         if run["method"] != "dense":             # each seed lands on its target, not just the mean
             assert abs(run["sparsity"] - run["target"]) < 0.005, run
-        assert run["epochs"] == 1
+        assert run["epochs"] == SMALL["epochs"]
     aggs = {(a["method"], a["target"]): a for a in data["aggregates"]}
     assert set(aggs) == {("dense", None), ("gmp", 0.9), ("gmp", 0.95), ("linbreg", 0.9), ("linbreg", 0.95)}
     assert aggs["dense", None]["reference"] and aggs["dense", None]["n"] == 2
@@ -66,7 +66,7 @@ def test_runs_results_and_progress_lines(done):
             cells = [c.strip() for c in row.strip("|").split("|")]
             assert abs(float(cells[2]) - float(target)) < 0.5            # achieved sparsity, %
             assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cells[3])       # accuracy mean ± std
-            assert cells[5] == "1" and cells[6].endswith(" s")
+            assert cells[5] == str(SMALL["epochs"]) and cells[6].endswith(" s")
     for png in ("pareto.png", "layers.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
@@ -137,13 +137,12 @@ def test_other_settings_into_the_same_out_are_refused(done, tmp_path, capsys, id
     shutil.copytree(src, out)
     before = sorted(p.name for p in (out / "runs").iterdir())
     data_dir = str(idx_dir)
-    rc = main(["compare", "--methods", "dense,gmp", "--sparsity", "0.9", "--seeds", "1", "--epochs", "2",
-               "--batch-size", "16", "--train-subset", "600", "--test-subset", "100", "--data-dir", data_dir,
+    same = ["--batch-size", "16", "--train-subset", "600", "--test-subset", "100", "--data-dir", data_dir]
+    rc = main(["compare", "--methods", "dense,gmp", "--sparsity", "0.9", "--seeds", "1", "--epochs", "2", *same,
                "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "epochs=1" in err[0] and "another --out" in err[0]
-    rc = main(["compare", "--methods", "dense,gmp", "--sparsity", "0.9", "--seeds", "1", "--epochs", "1",
-               "--batch-size", "16", "--train-subset", "600", "--test-subset", "100", "--data-dir", data_dir,
+    assert rc == 2 and len(err) == 1 and "epochs=3" in err[0] and "another --out" in err[0]
+    rc = main(["compare", "--methods", "dense,gmp", "--sparsity", "0.9", "--seeds", "1", "--epochs", "3", *same,
                "--out", str(out), "--set", "gmp.momentum=0.5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "gmp-s0.9-seed0 holds a run with momentum=0.9" in err[0], err
