@@ -61,6 +61,21 @@ class SparseOptimizer(Optimizer):
             if p.is_sparse:
                 raise UsageError("params: sparse tensors are not supported")
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step (``closure`` re-evaluates the loss, as in torch.optim)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._update_group(group)
+        return loss
+
+    def _update_group(self, group: dict) -> None:
+        """The update of one param group (each optimizer's own)."""
+        raise NotImplementedError
+
     @staticmethod
     def _use_foreach(group: dict) -> bool:
         return group.get("foreach") is not False

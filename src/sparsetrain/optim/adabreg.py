@@ -44,38 +44,32 @@ class AdaBreg(BregmanOptimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One AdaBreg step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._check_key(group)
-            delta, reg = float(group["delta"]), group.get("reg")
-            params, grads, vs, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "v" not in state:
-                    state["v"] = bregman_v0(p.detach(), reg, delta)
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                params.append(p)
-                grads.append(p.grad)
-                vs.append(state["v"])
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if params:
-                adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, reg=reg,
-                        lr=float(group["lr"]), delta=delta, beta1=group["betas"][0],
-                        beta2=group["betas"][1], eps=group["eps"], foreach=self._use_foreach(group))
-        return loss
+    def _update_group(self, group: dict) -> None:
+        """One AdaBreg step on one param group."""
+        self._check_key(group)
+        delta, reg = float(group["delta"]), group.get("reg")
+        params, grads, vs, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "v" not in state:
+                state["v"] = bregman_v0(p.detach(), reg, delta)
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            params.append(p)
+            grads.append(p.grad)
+            vs.append(state["v"])
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if params:
+            adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, reg=reg,
+                    lr=float(group["lr"]), delta=delta, beta1=group["betas"][0],
+                    beta2=group["betas"][1], eps=group["eps"], foreach=self._use_foreach(group))
 
 
 def adabreg(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], exp_avgs: list[Tensor],

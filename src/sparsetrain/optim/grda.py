@@ -50,35 +50,29 @@ class GRDA(SparseOptimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One gRDA step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, c, mu = float(group["lr"]), float(group["c"]), float(group["mu"])
-            params, grads, accs, thresholds = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                params.append(p)
-                grads.append(p.grad)
-                if not group["penalize"]:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["threshold_unit"] = 0.0
-                    state["acc"] = p.detach().clone(memory_format=torch.preserve_format)
-                n = state["step"] = state["step"] + 1
-                state["threshold_unit"] += lr ** 0.5 * ((n * lr) ** mu - ((n - 1) * lr) ** mu)
-                state["threshold"] = c * state["threshold_unit"]
-                accs.append(state["acc"])
-                thresholds.append(state["threshold"])
-            if params:
-                grda(params, grads, accs, thresholds, lr=lr, foreach=self._use_foreach(group))
-        return loss
+    def _update_group(self, group: dict) -> None:
+        """One gRDA step on one param group."""
+        lr, c, mu = float(group["lr"]), float(group["c"]), float(group["mu"])
+        params, grads, accs, thresholds = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            if not group["penalize"]:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["threshold_unit"] = 0.0
+                state["acc"] = p.detach().clone(memory_format=torch.preserve_format)
+            n = state["step"] = state["step"] + 1
+            state["threshold_unit"] += lr ** 0.5 * ((n * lr) ** mu - ((n - 1) * lr) ** mu)
+            state["threshold"] = c * state["threshold_unit"]
+            accs.append(state["acc"])
+            thresholds.append(state["threshold"])
+        if params:
+            grda(params, grads, accs, thresholds, lr=lr, foreach=self._use_foreach(group))
 
 
 def grda(params: list[Tensor], grads: list[Tensor], accs: list[Tensor], thresholds: list[float],

@@ -45,39 +45,33 @@ class LinBreg(BregmanOptimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One LinBreg step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._check_key(group)  # λ / δ / reg changed -> v rebuilt from the current w
-            lr, beta, delta, reg = float(group["lr"]), group["momentum"], float(group["delta"]), group.get("reg")
-            params, grads, vs, bufs, scales, states = [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "v" not in state:
-                    state["v"] = bregman_v0(p.detach(), reg, delta)
-                if beta > 0 and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["momentum_scale"] = lr
-                params.append(p)
-                grads.append(p.grad)
-                vs.append(state["v"])
-                if beta > 0:
-                    bufs.append(state["momentum_buffer"])
-                    scales.append(state["momentum_scale"])
-                    states.append(state)
-            if not params:
+    def _update_group(self, group: dict) -> None:
+        """One LinBreg step on one param group."""
+        self._check_key(group)  # λ / δ / reg changed -> v rebuilt from the current w
+        lr, beta, delta, reg = float(group["lr"]), group["momentum"], float(group["delta"]), group.get("reg")
+        params, grads, vs, bufs, scales, states = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
                 continue
-            scales = linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
-                             momentum=beta, foreach=self._use_foreach(group))
-            for state, c in zip(states, scales):
-                state["momentum_scale"] = c
-        return loss
+            state = self.state[p]
+            if "v" not in state:
+                state["v"] = bregman_v0(p.detach(), reg, delta)
+            if beta > 0 and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_scale"] = lr
+            params.append(p)
+            grads.append(p.grad)
+            vs.append(state["v"])
+            if beta > 0:
+                bufs.append(state["momentum_buffer"])
+                scales.append(state["momentum_scale"])
+                states.append(state)
+        if not params:
+            return
+        scales = linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
+                         momentum=beta, foreach=self._use_foreach(group))
+        for state, c in zip(states, scales):
+            state["momentum_scale"] = c
 
 
 def _dampened_momentum_(buf: Tensor, grad: Tensor, beta: float, lr: float, c: float) -> float:

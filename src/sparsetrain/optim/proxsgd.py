@@ -41,29 +41,23 @@ class ProxSGD(SparseOptimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One proximal SGD step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            mu = group["momentum"]
-            params, grads, bufs = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                params.append(p)
-                grads.append(p.grad)
-                if mu > 0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    bufs.append(state["momentum_buffer"])
-            if params:
-                proxsgd(params, grads, bufs, reg=group.get("reg"), lr=float(group["lr"]), momentum=mu,
-                        weight_decay=group["weight_decay"], foreach=self._use_foreach(group))
-        return loss
+    def _update_group(self, group: dict) -> None:
+        """One proximal SGD step on one param group."""
+        mu = group["momentum"]
+        params, grads, bufs = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            if mu > 0:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+        if params:
+            proxsgd(params, grads, bufs, reg=group.get("reg"), lr=float(group["lr"]), momentum=mu,
+                    weight_decay=group["weight_decay"], foreach=self._use_foreach(group))
 
 
 def proxsgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, reg, lr: float,

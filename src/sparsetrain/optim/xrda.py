@@ -145,49 +145,43 @@ class XRDA(SparseOptimizer):
             check_number(g["alpha"], "alpha", high=1.0)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One xRDA step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            penalize, mode = group["penalize"], group["mode"]
-            reweight = group["reweight"] and group["max_factor"] > 1  # M = 1: b ≡ c_G (plain ℓ1)
-            buckets: dict[int, list] = {}  # params at the same step k share (s_k, α_k)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if penalize and "z" not in state:
-                    state["z"] = p.detach().clone(memory_format=torch.preserve_format)
-                    state["T"] = 0.0  # a float while b is uniform (no reweighting)
-                if penalize and reweight and "a" not in state:
-                    dims, _ = _grouping(p.shape, mode)
-                    a = torch.zeros_like(p) if dims is None else p.new_zeros(
-                        [1 if d in dims else n for d, n in enumerate(p.shape)])
-                    state["a"], state["T"] = a, torch.full_like(a, float(state["T"]))
-                state["step"] += 1
-                buckets.setdefault(state["step"], []).append((p, state))
-            for k, items in buckets.items():
-                s, alpha = xrda_schedule(k, lr=float(group["lr"]), schedule=group["schedule"],
-                                         total_steps=group["total_steps"], milestones=group["milestones"],
-                                         alpha=group["alpha"])
-                params = [p for p, _ in items]
-                Ts = xrda(params, [p.grad for p in params], [st["v"] for _, st in items],
-                          [st.get("z") for _, st in items], [st.get("a") for _, st in items],
-                          [st.get("T") for _, st in items], s=s, alpha=alpha,
-                          beta=math.exp(-s / group["tau"]), gamma=math.exp(-s / group["tau_b"]),
-                          lam=float(group["lam"]), max_factor=float(group["max_factor"]),
-                          weight_decay=group["weight_decay"], reweight=reweight, mode=mode,
-                          penalize=penalize, foreach=self._use_foreach(group))
-                if penalize:
-                    for (_, st), T in zip(items, Ts):
-                        st["T"] = T
-        return loss
+    def _update_group(self, group: dict) -> None:
+        """One xRDA step on one param group."""
+        penalize, mode = group["penalize"], group["mode"]
+        reweight = group["reweight"] and group["max_factor"] > 1  # M = 1: b ≡ c_G (plain ℓ1)
+        buckets: dict[int, list] = {}  # params at the same step k share (s_k, α_k)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if penalize and "z" not in state:
+                state["z"] = p.detach().clone(memory_format=torch.preserve_format)
+                state["T"] = 0.0  # a float while b is uniform (no reweighting)
+            if penalize and reweight and "a" not in state:
+                dims, _ = _grouping(p.shape, mode)
+                a = torch.zeros_like(p) if dims is None else p.new_zeros(
+                    [1 if d in dims else n for d, n in enumerate(p.shape)])
+                state["a"], state["T"] = a, torch.full_like(a, float(state["T"]))
+            state["step"] += 1
+            buckets.setdefault(state["step"], []).append((p, state))
+        for k, items in buckets.items():
+            s, alpha = xrda_schedule(k, lr=float(group["lr"]), schedule=group["schedule"],
+                                     total_steps=group["total_steps"], milestones=group["milestones"],
+                                     alpha=group["alpha"])
+            params = [p for p, _ in items]
+            Ts = xrda(params, [p.grad for p in params], [st["v"] for _, st in items],
+                      [st.get("z") for _, st in items], [st.get("a") for _, st in items],
+                      [st.get("T") for _, st in items], s=s, alpha=alpha,
+                      beta=math.exp(-s / group["tau"]), gamma=math.exp(-s / group["tau_b"]),
+                      lam=float(group["lam"]), max_factor=float(group["max_factor"]),
+                      weight_decay=group["weight_decay"], reweight=reweight, mode=mode,
+                      penalize=penalize, foreach=self._use_foreach(group))
+            if penalize:
+                for (_, st), T in zip(items, Ts):
+                    st["T"] = T
 
 
 def _reweight_(p: Tensor, a: Tensor, T: Tensor, *, s: float, alpha: float, gamma: float,
