@@ -9,6 +9,10 @@ from torch import nn
 from sparsetrain.cli import main
 from sparsetrain.penalties import HALO, halo_optimal_scale, halo_profile_penalty, mcp_penalty, profile_constant
 
+# The first optimizer a process builds imports torch._dynamo (seconds): pay it at collection,
+# not inside the first test.
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
 
 def minimise_scales(halo, steps=50):
     opt = torch.optim.LBFGS(list(halo.parameters()), lr=1, max_iter=steps, tolerance_grad=1e-14,

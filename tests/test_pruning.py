@@ -15,6 +15,10 @@ from sparsetrain.pruning import (Mask, allocate_counts, cosine_decay, gmp_sparsi
                                  layerwise_magnitude_masks, magnitude_masks)
 from sparsetrain.trainer import TrainConfig
 
+# The first optimizer a process builds imports torch._dynamo (seconds): pay it at collection,
+# not inside the first test.
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
