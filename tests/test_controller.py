@@ -56,3 +56,48 @@ def test_budget_controller_is_used_for_bregman_l1():
     c = BudgetController(opt, model, 0.5, total_steps=10)
     assert opt.get_lam()[0] >= 1.0 and opt.param_groups[0]["inactive"] == "keep"
     assert sparsity(model) == 0.0 and c.target == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("method", ["linbreg", "xrda"])
+def test_resume_of_a_controlled_run_matches_an_uninterrupted_one(method, idx_dir, tmp_path, monkeypatch):
+    from sparsetrain.methods.regularized import Regularized
+    args = ["train", "--method", method, "--sparsity", "0.9", "--data-dir", str(idx_dir), "--epochs", "3",
+            "--batch-size", "32", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    original = Regularized.after_step
+
+    def crash(self, step):
+        original(self, step)
+        if step == 30:                                  # epoch 2 of 3 (19 steps each)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Regularized, "after_step", crash)
+    assert main([*args, "--out", str(tmp_path / "run")]) == 130
+    monkeypatch.setattr(Regularized, "after_step", original)
+    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    ref, run = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ref", "run"))
+    assert run["test_loss"] == ref["test_loss"] and run["sparsity"] == ref["sparsity"]
+    assert run["lam_trajectory"] == ref["lam_trajectory"]
+
+
+def test_budget_controller_state_carries_its_look_ahead():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 10))
+    opt = LinBreg(model.parameters(), lr=0.1, reg=L1(1e-3))
+    c = BudgetController(opt, model, 0.5, total_steps=100)
+    x, y = torch.randn(64, 20), torch.randn(64, 10)
+    for step in range(12):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        c.update(step)
+    state = torch.load(__import__("io").BytesIO(_saved(c.state_dict())), weights_only=True)
+    fresh = BudgetController(opt, model, 0.5, total_steps=100)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh._scores(), c._scores())
+
+
+def _saved(obj) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

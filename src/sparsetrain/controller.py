@@ -107,6 +107,13 @@ class BudgetController(SparsityController):
         # start high, so that nothing is admitted before the first budget update computes λ
         optimizer.scale_lam(max(1.0, start_lam / max(self.lam(), 1e-12)))
 
+    def state_dict(self) -> dict:   # the v snapshots drive the look-ahead: a resume needs them
+        return {**super().state_dict(), "last_v": list(self._last)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._last = list(state.get("last_v", []))
+
     @staticmethod
     def supports(optimizer) -> bool:
         """Whether every regularized group's regularizer has per-entry activation scores."""
