@@ -19,7 +19,7 @@ import torch
 from sparsetrain.cli import main
 from sparsetrain.data import TensorLoader
 from sparsetrain.methods import METHODS
-from sparsetrain.trainer import TrainConfig, Trainer
+from sparsetrain.trainer import TrainConfig, Trainer, _flatten_tensors
 
 # batch 45 over 2 ranks: shards of 23 and 22 samples, and a last batch of 25 (13 + 12), so the
 # test also covers unequal shards
@@ -159,14 +159,7 @@ def _load(path):
 
 
 def _tensors(prefix, obj, out):
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _tensors(f"{prefix}.{k}", v, out)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _tensors(f"{prefix}.{i}", v, out)
+    _flatten_tensors(prefix, obj, out)     # the trainer's own helper (its rank-sync check uses it)
     return out
 
 

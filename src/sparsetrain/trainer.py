@@ -279,6 +279,7 @@ class Trainer:
         # gradients are averaged over ranks by hand, so that every rank takes the same step
         in_ddp = {id(p) for p in self.model.parameters()}
         outside_ddp = [p for g in opt.param_groups for p in g["params"] if id(p) not in in_ddp] if multi else []
+        per_step_schedule = not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         model.train()
         self.loaders.train.set_epoch(epoch)
         total, n = 0.0, 0
@@ -311,7 +312,7 @@ class Trainer:
             strat.after_backward(self.step)
             opt.step()
             strat.after_step(self.step)
-            if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if per_step_schedule:
                 self.scheduler.step()
             self.step += 1
             total += value * count

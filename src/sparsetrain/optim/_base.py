@@ -229,6 +229,13 @@ class BregmanOptimizer(SparseOptimizer):
                 state["v"].copy_(v0)
         group[self._KEY] = self._key(group)
 
+    def _bregman_state(self, p: Tensor, group: dict) -> dict:
+        """The state of ``p``, with its subgradient v initialised lazily as v₀ = w/δ + ∂J(w)."""
+        state = self.state[p]
+        if "v" not in state:
+            state["v"] = bregman_v0(p.detach(), group.get("reg"), float(group["delta"]))
+        return state
+
     def _check_key(self, group: dict) -> None:
         key = self._key(group)
         if group.get(self._KEY) != key:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import BregmanOptimizer, bregman_prox_, bregman_v0, check_number
+from ._base import BregmanOptimizer, bregman_prox_, check_number
 
 __all__ = ["AdaBreg", "adabreg"]
 
@@ -52,9 +52,7 @@ class AdaBreg(BregmanOptimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if "v" not in state:
-                state["v"] = bregman_v0(p.detach(), reg, delta)
+            state = self._bregman_state(p, group)
             if "step" not in state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import BregmanOptimizer, bregman_prox_, bregman_v0, check_number
+from ._base import BregmanOptimizer, bregman_prox_, check_number
 
 __all__ = ["LinBreg", "linbreg"]
 
@@ -53,9 +53,7 @@ class LinBreg(BregmanOptimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if "v" not in state:
-                state["v"] = bregman_v0(p.detach(), reg, delta)
+            state = self._bregman_state(p, group)
             if beta > 0 and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["momentum_scale"] = lr
