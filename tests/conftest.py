@@ -53,3 +53,25 @@ def cifar_dir(tmp_path_factory):
         with open(d / name, "wb") as f:
             pickle.dump({b"data": x.reshape(64, -1), b"labels": [int(v) for v in y]}, f)
     return d.parent
+
+
+def crash_and_resume(monkeypatch, out_dir, args, strategy_cls, crash_step):
+    """Run ``sparsetrain`` ``args`` uninterrupted into ``out_dir/ref``; run them again into
+    ``out_dir/run`` with ``strategy_cls.after_step`` raising KeyboardInterrupt at ``crash_step``
+    (mid-epoch), then ``--resume`` it. Returns the two summaries (reference, resumed)."""
+    import json
+
+    from sparsetrain.cli import main
+    assert main([*args, "--out", str(out_dir / "ref")]) == 0
+    original = strategy_cls.after_step
+
+    def crash(self, step):
+        original(self, step)
+        if step == crash_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(strategy_cls, "after_step", crash)
+    assert main([*args, "--out", str(out_dir / "run")]) == 130
+    monkeypatch.setattr(strategy_cls, "after_step", original)
+    assert main([*args, "--out", str(out_dir / "run"), "--resume"]) == 0
+    return tuple(json.loads((out_dir / d / "summary.json").read_text()) for d in ("ref", "run"))

@@ -10,6 +10,7 @@ from sparsetrain.controller import BudgetController, SparsityController
 from sparsetrain.metrics import sparsity
 from sparsetrain.optim import LinBreg
 from sparsetrain.regularizers import L1
+from conftest import crash_and_resume
 
 
 def test_target_density_follows_the_cubic_ramp():
@@ -63,18 +64,8 @@ def test_resume_of_a_controlled_run_matches_an_uninterrupted_one(method, idx_dir
     from sparsetrain.methods.regularized import Regularized
     args = ["train", "--method", method, "--sparsity", "0.9", "--data-dir", str(idx_dir), "--epochs", "3",
             "--batch-size", "32", "--no-progress"]
-    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
-    original = Regularized.after_step
-
-    def crash(self, step):
-        original(self, step)
-        if step == 30:                                  # epoch 2 of 3 (19 steps each)
-            raise KeyboardInterrupt
-    monkeypatch.setattr(Regularized, "after_step", crash)
-    assert main([*args, "--out", str(tmp_path / "run")]) == 130
-    monkeypatch.setattr(Regularized, "after_step", original)
-    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
-    ref, run = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ref", "run"))
+    # epoch 2 of 3 (19 steps each)
+    ref, run = crash_and_resume(monkeypatch, tmp_path, args, Regularized, crash_step=30)
     assert run["test_loss"] == ref["test_loss"] and run["sparsity"] == ref["sparsity"]
     assert run["lam_trajectory"] == ref["lam_trajectory"]
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from sparsetrain.cli import main
 from sparsetrain.penalties import HALO, halo_optimal_scale, halo_profile_penalty, mcp_penalty, profile_constant
+from conftest import crash_and_resume
 
 # The first optimizer a process builds imports torch._dynamo (seconds): pay it at collection,
 # not inside the first test.
@@ -125,19 +126,7 @@ def test_halo_resume_after_a_crash_matches_an_uninterrupted_run(idx_dir, tmp_pat
     from sparsetrain.methods.halo import HALOStrategy
     args = ["train", "--method", "halo", "--sparsity", "0.9", "--finetune-epochs", "1", "--data-dir", str(idx_dir),
             "--train-subset", "256", "--test-subset", "128", "--epochs", "2", "--no-progress"]
-    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
-    original = HALOStrategy.after_step
-
-    def crash(self, step):
-        original(self, step)
-        if step == 3:                                 # epoch 2 of 2 (2 steps each), before the prune
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(HALOStrategy, "after_step", crash)
-    assert main([*args, "--out", str(tmp_path / "run")]) == 130
-    monkeypatch.setattr(HALOStrategy, "after_step", original)
-    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
-    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
-    res = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # epoch 2 of 2 (2 steps each), before the prune
+    ref, res = crash_and_resume(monkeypatch, tmp_path, args, HALOStrategy, crash_step=3)
     assert res["test_loss"] == ref["test_loss"] and res["scale_mean"] == ref["scale_mean"]
     assert res["accuracy_before_prune"] == ref["accuracy_before_prune"]

@@ -14,6 +14,7 @@ from sparsetrain.params import prunable_weights
 from sparsetrain.pruning import (Mask, allocate_counts, cosine_decay, gmp_sparsity, layer_densities,
                                  layerwise_magnitude_masks, magnitude_masks)
 from sparsetrain.trainer import TrainConfig
+from conftest import crash_and_resume
 
 # The first optimizer a process builds imports torch._dynamo (seconds): pay it at collection,
 # not inside the first test.
@@ -303,18 +304,6 @@ def test_imp_resume_after_a_crash_matches_an_uninterrupted_run(idx_dir, tmp_path
     from sparsetrain.methods.pruning import IMP
     args = ["train", "--method", "imp", "--sparsity", "0.9", "--levels", "2", "--data-dir", str(idx_dir),
             "--train-subset", "256", "--test-subset", "128", "--epochs", "2", "--no-progress"]
-    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
-    original = IMP.after_step
-
-    def crash(self, step):
-        original(self, step)
-        if step == 5:                                 # epoch 3 of 4 (2 steps each): in level 2
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(IMP, "after_step", crash)
-    assert main([*args, "--out", str(tmp_path / "run")]) == 130
-    monkeypatch.setattr(IMP, "after_step", original)
-    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
-    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
-    res = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # epoch 3 of 4 (2 steps each): in level 2
+    ref, res = crash_and_resume(monkeypatch, tmp_path, args, IMP, crash_step=5)
     assert res["test_loss"] == ref["test_loss"] and res["levels"] == ref["levels"]
