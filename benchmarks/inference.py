@@ -31,6 +31,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sparsetrain import native
 from sparsetrain.export import FORMATS, export_model, load_export, load_run, magnitude_prune, sparsify
 from sparsetrain.export.sparse_modules import KERNELS, SparseLinear
 from sparsetrain.models import build_model
@@ -102,7 +103,7 @@ def lenet(args, tmp: Path) -> None:
           ["format", "batch", "ms", "speedup", "ideal", "of ideal", "file / dense"], rows)
 
 
-_SHORT = {"dense": "d", "sparse": "csr", "sparse:spmm_sum": "sum"}
+_SHORT = {"sparse:native": "nat", "dense": "d", "sparse": "csr", "sparse:spmm_sum": "sum"}
 
 
 def big_mlp(args, tmp: Path) -> None:
@@ -124,7 +125,7 @@ def big_mlp(args, tmp: Path) -> None:
             rows.append([f"{sparsity:.0%}", bs, lat["dense"], lat["sparse"], sp, 1 / d, sp * d,
                          "/".join(_SHORT[r["choice"]] for r in choice), f"{comp / dense_bytes:.4f}"])
     table(f"3 × Linear(4096, 4096) MLP (torch threads {torch.get_num_threads()}; layers as chosen by timing: "
-          f"d = dense, csr = CSR addmm/mv, sum = CSR sparse.mm(reduce='sum'))",
+          f"d = dense, csr = CSR addmm/mv, sum = CSR sparse.mm(reduce='sum'), nat = sparsetrain.native)",
           ["sparsity", "batch", "dense ms", "sparse ms", "speedup", "ideal", "of ideal", "layers",
            "compressed / dense"], rows)
 
@@ -191,7 +192,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"MKL {torch.backends.mkl.is_available()}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"MKL {torch.backends.mkl.is_available()}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"{native.status()}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         lenet(args, Path(tmp))

@@ -39,6 +39,7 @@ its initial ``lam`` from ``reg.lam`` unless it sets ``lam`` itself.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import numbers
 from typing import Callable
@@ -46,6 +47,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import native
 from ..errors import UsageError, choice
 from ..regularizers import is_null
 from ._base import SparseOptimizer, _softshrink, check_number
@@ -172,13 +174,18 @@ class XRDA(SparseOptimizer):
                                      total_steps=group["total_steps"], milestones=group["milestones"],
                                      alpha=group["alpha"])
             params = [p for p, _ in items]
+            s_next, _ = xrda_schedule(k + 1, lr=float(group["lr"]), schedule=group["schedule"],
+                                      total_steps=group["total_steps"], milestones=group["milestones"],
+                                      alpha=group["alpha"])
+            hints = self.__dict__.setdefault("_max_a_hints", {})  # per tensor; not state: rebuilt in a step
             Ts = xrda(params, [p.grad for p in params], [st["v"] for _, st in items],
                       [st.get("z") for _, st in items], [st.get("a") for _, st in items],
                       [st.get("T") for _, st in items], s=s, alpha=alpha,
                       beta=math.exp(-s / group["tau"]), gamma=math.exp(-s / group["tau_b"]),
                       lam=float(group["lam"]), max_factor=float(group["max_factor"]),
                       weight_decay=group["weight_decay"], reweight=reweight, mode=mode,
-                      penalize=penalize, foreach=self._use_foreach(group))
+                      penalize=penalize, foreach=self._use_foreach(group),
+                      hints=[hints.setdefault(p, {}) for p in params], gamma_next=math.exp(-s_next / group["tau_b"]))
             if penalize:
                 for (_, st), T in zip(items, Ts):
                     st["T"] = T
@@ -210,11 +217,164 @@ def _threshold_(p: Tensor, z: Tensor, T, lam: float) -> None:
     torch.abs(z, out=p).sub_(T, alpha=lam).clamp_min_(0).copysign_(z)
 
 
+def _native_ok(p: Tensor, g: Tensor, v: Tensor, z: Tensor, a, T) -> bool:
+    """The fused kernels apply: contiguous float32 CPU tensors (and the library loaded)."""
+    return p.dtype == torch.float32 and native.usable(p, g, v, z, a, T if torch.is_tensor(T) else None)
+
+
+def _xrda_native(p: Tensor, g: Tensor, v: Tensor, z: Tensor, a, T, *, s: float, alpha: float, beta: float,
+                 gamma: float, lam: float, max_factor: float, weight_decay: float, reweight: bool, mode: str,
+                 hint: dict | None = None, gamma_next: float | None = None):
+    """One xRDA step of one tensor in fused passes (``native/kernels.c``): v, z, a and max(a) in
+    the first, T and w = S_{λT}(z) in the second. Returns the new T.
+
+    Elementwise reweighting needs ε = max(a_k)/(M−1) before T can be updated; ``hint`` (a dict
+    kept per tensor) carries max(a_k) as the previous step predicted it for γ_k = ``gamma``, which
+    makes the step a single pass (``st_xrda_fused``); the pass returns the true max(a_k), and a
+    wrong prediction (w or a changed outside the optimizer) is repaired at once. Each step then
+    predicts the next one's for ``gamma_next``."""
+    so, P = native.lib(), native.ptr
+    if reweight and _grouping(p.shape, mode)[0] is None and hint is not None:
+        return _xrda_native_elementwise(p, g, v, z, a, T, s=s, alpha=alpha, beta=beta, gamma=gamma, lam=lam,
+                                        max_factor=max_factor, weight_decay=weight_decay, hint=hint,
+                                        gamma_next=gamma_next)
+    n = p.numel()
+    gsize = _grouping(p.shape, mode)[1]
+    groups = n // gsize
+    step = (1 - beta, (1 - beta) * weight_decay, s, alpha, 1 - gamma)
+    bounds = native.split(groups, 4 * n)                 # in groups; entries are lo*gsize ... hi*gsize
+    if not reweight:                                      # a uniform threshold: elementwise kernels
+        native.parallel_for(bounds, lambda lo, hi: so.st_xrda_pass1(
+            (hi - lo) * gsize, P(p, lo * gsize), P(g, lo * gsize), P(v, lo * gsize), P(z, lo * gsize), None,
+            *step), n)
+        T = alpha * T + s * math.sqrt(gsize)
+        native.parallel_for(bounds, lambda lo, hi: so.st_softshrink(
+            (hi - lo) * gsize, P(p, lo * gsize), P(z, lo * gsize), lam * T), n)
+        return T
+    if gsize == 1:
+        amax = max(native.parallel_for(bounds, lambda lo, hi: so.st_xrda_pass1(
+            hi - lo, P(p, lo), P(g, lo), P(v, lo), P(z, lo), P(a, lo), *step), n))
+    else:
+        amax = max(native.parallel_for(bounds, lambda lo, hi: so.st_xrda_group_pass1(
+            hi - lo, gsize, P(p, lo * gsize), P(g, lo * gsize), P(v, lo * gsize), P(z, lo * gsize), P(a, lo),
+            *step), n))
+    eps = max(amax / (max_factor - 1), torch.finfo(torch.float32).tiny)
+    coef = s * math.sqrt(gsize) * max_factor
+    if gsize == 1:
+        native.parallel_for(bounds, lambda lo, hi: so.st_xrda_pass2(
+            hi - lo, P(p, lo), P(z, lo), P(a, lo), P(T, lo), alpha, coef, eps, lam), n)
+    else:
+        native.parallel_for(bounds, lambda lo, hi: so.st_xrda_group_pass2(
+            hi - lo, gsize, P(p, lo * gsize), P(z, lo * gsize), P(a, lo), P(T, lo), alpha, coef, eps, lam), n)
+    return T
+
+
+def _xrda_native_elementwise(p, g, v, z, a, T, *, s, alpha, beta, gamma, lam, max_factor, weight_decay, hint,
+                             gamma_next):
+    """:func:`_xrda_native` for an elementwise reweighted tensor, with the max(a) prediction."""
+    so, P, n = native.lib(), native.ptr, p.numel()
+    tiny = torch.finfo(torch.float32).tiny
+    step = (1 - beta, (1 - beta) * weight_decay, s, alpha, 1 - gamma)
+    coef, g_next = s * max_factor, 1 - (gamma if gamma_next is None else gamma_next)
+    bounds = native.split(n, 4 * n)
+    if hint.get("gamma1") == 1 - gamma:                   # one pass with the predicted ε
+        eps_used = max(hint["amax"] / (max_factor - 1), tiny)
+
+        def fused(lo, hi):
+            pred = ctypes.c_float()
+            amax = so.st_xrda_fused(hi - lo, P(p, lo), P(g, lo), P(v, lo), P(z, lo), P(a, lo), P(T, lo), *step,
+                                    coef, eps_used, lam, g_next, ctypes.byref(pred))
+            return amax, pred.value
+        out = native.parallel_for(bounds, fused, n)
+        amax, pred = max(o[0] for o in out), max(o[1] for o in out)
+        if amax != hint["amax"]:                          # the prediction missed: repair T and w
+            pred = _repair(p, z, a, T, amax, hint["amax"], coef=coef, lam=lam, max_factor=max_factor,
+                           gamma1_next=g_next)
+    else:                                                 # two passes, then a prediction
+        amax = max(native.parallel_for(bounds, lambda lo, hi: so.st_xrda_pass1(
+            hi - lo, P(p, lo), P(g, lo), P(v, lo), P(z, lo), P(a, lo), *step), n))
+        eps = max(amax / (max_factor - 1), tiny)
+        native.parallel_for(bounds, lambda lo, hi: so.st_xrda_pass2(
+            hi - lo, P(p, lo), P(z, lo), P(a, lo), P(T, lo), alpha, coef, eps, lam), n)
+        pred = max(native.parallel_for(bounds, lambda lo, hi: so.st_xrda_predict(
+            hi - lo, P(p, lo), P(a, lo), g_next), n))
+    hint.update(gamma1=g_next, amax=pred)
+    return T
+
+
+def _repair(p, z, a, T, amax: float, amax_used: float, *, coef: float, lam: float, max_factor: float,
+            gamma1_next: float) -> float:
+    """After a fused step with the wrong max(a): swap ε in T, redo w; returns the new prediction."""
+    so, P, tiny = native.lib(), native.ptr, torch.finfo(torch.float32).tiny
+    eps, eps_used = (max(m / (max_factor - 1), tiny) for m in (amax, amax_used))
+    return max(native.parallel_for(native.split(p.numel(), 4 * p.numel()), lambda lo, hi: so.st_xrda_repair(
+        hi - lo, P(p, lo), P(z, lo), P(a, lo), P(T, lo), coef, eps_used, eps, lam, gamma1_next), p.numel()))
+
+
+def _xrda_native_multi(ps, gs, vs, zs, as_, Ts, hints, *, s, alpha, beta, gamma, lam, max_factor, weight_decay,
+                       gamma_next) -> None:
+    """The one-pass step of several elementwise tensors, all with a valid max(a) prediction, in one
+    native call (``st_xrda_fused_multi``; for small networks the per-call overhead dominates)."""
+    k, tiny = len(ps), torch.finfo(torch.float32).tiny
+    ptrs = (lambda ts: (ctypes.c_void_p * k)(*[t.data_ptr() for t in ts]))
+    amax, pred = (ctypes.c_float * k)(), (ctypes.c_float * k)()
+    coef, g_next = s * max_factor, 1 - gamma_next
+    native.lib().st_xrda_fused_multi(
+        k, (ctypes.c_int64 * k)(*[p.numel() for p in ps]), ptrs(ps), ptrs(gs), ptrs(vs), ptrs(zs), ptrs(as_),
+        ptrs(Ts), (ctypes.c_float * k)(*[max(h["amax"] / (max_factor - 1), tiny) for h in hints]), 1 - beta,
+        (1 - beta) * weight_decay, s, alpha, 1 - gamma, coef, lam, g_next, amax, pred)
+    for i, h in enumerate(hints):
+        new = pred[i] if amax[i] == h["amax"] else _repair(ps[i], zs[i], as_[i], Ts[i], amax[i], h["amax"],
+                                                           coef=coef, lam=lam, max_factor=max_factor,
+                                                           gamma1_next=g_next)
+        h.update(gamma1=g_next, amax=new)
+
+
 def xrda(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], zs: list, as_: list, Ts: list,
          *, s: float, alpha: float, beta: float, gamma: float, lam: float, max_factor: float,
-         weight_decay: float, reweight: bool, mode: str, penalize: bool, foreach: bool = True) -> list:
+         weight_decay: float, reweight: bool, mode: str, penalize: bool, foreach: bool = True,
+         hints: list | None = None, gamma_next: float | None = None) -> list:
     """Functional xRDA update for tensors at the same step k, in place on every tensor; returns
-    the new thresholds T (float entries -- uniform thresholds -- cannot be updated in place)."""
+    the new thresholds T (float entries -- uniform thresholds -- cannot be updated in place).
+
+    Penalised contiguous float32 CPU tensors take the fused native kernels when they are available
+    (:mod:`sparsetrain.native`); the others, the torch ops of :func:`_xrda_torch` (the same
+    formulas). ``hints`` (one dict per tensor, kept between steps) and ``gamma_next`` (γ of the
+    next step) let the native elementwise step run in one pass (see :func:`_xrda_native`)."""
+    kw = dict(s=s, alpha=alpha, beta=beta, gamma=gamma, lam=lam, max_factor=max_factor,
+              weight_decay=weight_decay, reweight=reweight)
+    fused = [penalize and _native_ok(*t) for t in zip(params, grads, vs, zs, as_, Ts)]
+    if not any(fused):
+        return _xrda_torch(params, grads, vs, zs, as_, Ts, **kw, mode=mode, penalize=penalize, foreach=foreach)
+    rest = [i for i, f in enumerate(fused) if not f]
+    pick = (lambda xs: [xs[i] for i in rest])
+    new_Ts = list(Ts)
+    if rest:
+        for i, T in zip(rest, _xrda_torch(pick(params), pick(grads), pick(vs), pick(zs), pick(as_), pick(Ts),
+                                          **kw, mode=mode, penalize=penalize, foreach=foreach)):
+            new_Ts[i] = T
+    todo = [i for i, f in enumerate(fused) if f]
+    if reweight and hints is not None and gamma_next is not None:  # the common case: one native call
+        multi = [i for i in todo if _grouping(params[i].shape, mode)[0] is None
+                 and hints[i].get("gamma1") == 1 - gamma]
+        work = 4 * sum(params[i].numel() for i in multi)
+        if len(multi) > 1 and len(native.split(work, work)) == 2:   # small enough for one thread
+            pick = (lambda xs: [xs[i] for i in multi])
+            _xrda_native_multi(pick(params), pick(grads), pick(vs), pick(zs), pick(as_), pick(Ts), pick(hints),
+                               s=s, alpha=alpha, beta=beta, gamma=gamma, lam=lam, max_factor=max_factor,
+                               weight_decay=weight_decay, gamma_next=gamma_next)
+            done = set(multi)
+            todo = [i for i in todo if i not in done]
+    for i in todo:
+        new_Ts[i] = _xrda_native(params[i], grads[i], vs[i], zs[i], as_[i], Ts[i], **kw, mode=mode,
+                                 hint=None if hints is None else hints[i], gamma_next=gamma_next)
+    return new_Ts
+
+
+def _xrda_torch(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], zs: list, as_: list, Ts: list,
+                *, s: float, alpha: float, beta: float, gamma: float, lam: float, max_factor: float,
+                weight_decay: float, reweight: bool, mode: str, penalize: bool, foreach: bool = True) -> list:
+    """:func:`xrda` in torch ops (single-tensor or ``foreach``)."""
     # v ← βv + (1−β)(g + wd·w)
     if foreach:
         torch._foreach_lerp_(vs, grads, 1 - beta)
