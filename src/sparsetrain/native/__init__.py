@@ -55,7 +55,7 @@ _SIGNATURES = {
     "st_xrda_fused_multi": (None, [_I64] + [_f32p] * 8 + [_F32] * 8 + [_f32p] * 2),
     "st_xrda_repair": (_F32, [_I64] + [_f32p] * 4 + [_F32] * 5),
     "st_xrda_predict": (_F32, [_I64, _f32p, _f32p, _F32]),
-    "st_softshrink": (None, [_I64, _f32p, _f32p, _F32]),
+    "st_xrda_plain": (None, [_I64] + [_f32p] * 4 + [_F32] * 5),
     "st_csr_mv": (None, [_I64, _I64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p]),
     "st_csr_mm": (None, [_I64, _I64, _I64, _f32p, _f32p, _f32p, _f32p, _f32p, _f32p]),
 }

@@ -203,12 +203,29 @@ void st_xrda_group_pass2(int64_t groups, int64_t gsize, float *restrict w, const
     }
 }
 
-/* Plain l1 (uniform threshold thr = lam T): w <- S_thr(z), as torch.nn.functional.softshrink. */
-void st_softshrink(int64_t n, float *restrict w, const float *restrict z, float thr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
-        float zi = z[i];
-        w[i] = zi > thr ? zi - thr : (zi < -thr ? zi + thr : (zi != zi ? zi : 0.0f));
+/* Plain l1 (b = c_G, a uniform threshold thr = lam T) in one pass: pass 1 without a, then
+ * w <- S_thr(z) as torch.nn.functional.softshrink. */
+#define SOFTSHRINK(zi, thr) ((zi) > (thr) ? (zi) - (thr) : ((zi) < -(thr) ? (zi) + (thr) : ((zi) != (zi) ? (zi) : 0.0f)))
+#define XRDA_PLAIN_LOOP(Z_UPDATE)                                 \
+    _Pragma("omp simd")                                           \
+    for (int64_t i = 0; i < n; i++) {                             \
+        const float wi = w[i];                                    \
+        const float vi = lerp1(v[i], g[i], beta1) + wdc * wi;     \
+        v[i] = vi;                                                \
+        const float zi = (Z_UPDATE) + (-s) * vi;                  \
+        z[i] = zi;                                                \
+        w[i] = SOFTSHRINK(zi, thr);                               \
+    }
+
+void st_xrda_plain(int64_t n, float *restrict w, const float *restrict g, float *restrict v, float *restrict z,
+                   float beta1, float wdc, float s, float alpha, float thr) {
+    const float alpha1 = 1.0f - alpha;
+    if (alpha == 0.0f) {
+        XRDA_PLAIN_LOOP(wi)
+    } else if (alpha == 1.0f) {
+        XRDA_PLAIN_LOOP(z[i])
+    } else {
+        XRDA_PLAIN_LOOP(lerp1(z[i], wi, alpha1))
     }
 }
 

@@ -243,13 +243,11 @@ def _xrda_native(p: Tensor, g: Tensor, v: Tensor, z: Tensor, a, T, *, s: float, 
     groups = n // gsize
     step = (1 - beta, (1 - beta) * weight_decay, s, alpha, 1 - gamma)
     bounds = native.split(groups, 4 * n)                 # in groups; entries are lo*gsize ... hi*gsize
-    if not reweight:                                      # a uniform threshold: elementwise kernels
-        native.parallel_for(bounds, lambda lo, hi: so.st_xrda_pass1(
-            (hi - lo) * gsize, P(p, lo * gsize), P(g, lo * gsize), P(v, lo * gsize), P(z, lo * gsize), None,
-            *step), n)
+    if not reweight:                                      # a uniform threshold: one elementwise pass
         T = alpha * T + s * math.sqrt(gsize)
-        native.parallel_for(bounds, lambda lo, hi: so.st_softshrink(
-            (hi - lo) * gsize, P(p, lo * gsize), P(z, lo * gsize), lam * T), n)
+        native.parallel_for(bounds, lambda lo, hi: so.st_xrda_plain(
+            (hi - lo) * gsize, P(p, lo * gsize), P(g, lo * gsize), P(v, lo * gsize), P(z, lo * gsize),
+            *step[:4], lam * T), n)
         return T
     if gsize == 1:
         amax = max(native.parallel_for(bounds, lambda lo, hi: so.st_xrda_pass1(
