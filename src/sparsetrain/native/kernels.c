@@ -27,14 +27,25 @@ static inline float relu_nan(float x) { return (x > 0.0f || x != x) ? x : 0.0f; 
  *   a <- lerp(a, |w|, 1-gamma)                     (reweighted only; a may be NULL)
  * Returns max(a) (0 when a is NULL). One specialised loop per case keeps every loop branch-free
  * (the compiler vectorises each; a loop with the branches inside ran at half the speed). */
-#define XRDA_PASS1_LOOP(Z_UPDATE, A_UPDATE)                      \
-    _Pragma("omp simd reduction(max : amax)")                    \
+#define XRDA_LOOP(PRAGMA, Z_UPDATE, TAIL)                        \
+    _Pragma(PRAGMA)                                              \
     for (int64_t i = 0; i < n; i++) {                            \
         const float wi = w[i];                                   \
         const float vi = lerp1(v[i], g[i], beta1) + wdc * wi;    \
         v[i] = vi;                                               \
-        z[i] = (Z_UPDATE) + (-s) * vi;                           \
-        A_UPDATE                                                 \
+        const float zi = (Z_UPDATE) + (-s) * vi;                 \
+        z[i] = zi;                                               \
+        TAIL                                                     \
+    }
+
+/* the v and z updates of pass 1, then TAIL (which may use wi, zi), in one loop per alpha case */
+#define XRDA_CASES(PRAGMA, TAIL)                                         \
+    if (alpha == 0.0f) {                                                 \
+        XRDA_LOOP(PRAGMA, wi, TAIL)                                      \
+    } else if (alpha == 1.0f) {                                          \
+        XRDA_LOOP(PRAGMA, z[i], TAIL)                                    \
+    } else {                                                             \
+        XRDA_LOOP(PRAGMA, lerp1(z[i], wi, alpha1), TAIL)                 \
     }
 
 #define XRDA_A_UPDATE                                            \
@@ -42,24 +53,15 @@ static inline float relu_nan(float x) { return (x > 0.0f || x != x) ? x : 0.0f; 
     a[i] = ai;                                                   \
     amax = ai > amax ? ai : amax;
 
-#define XRDA_PASS1_CASES(A_UPDATE)                                       \
-    if (alpha == 0.0f) {                                                 \
-        XRDA_PASS1_LOOP(wi, A_UPDATE)                                    \
-    } else if (alpha == 1.0f) {                                          \
-        XRDA_PASS1_LOOP(z[i], A_UPDATE)                                  \
-    } else {                                                             \
-        XRDA_PASS1_LOOP(lerp1(z[i], wi, alpha1), A_UPDATE)               \
-    }
-
 float st_xrda_pass1(int64_t n, const float *restrict w, const float *restrict g, float *restrict v,
                     float *restrict z, float *restrict a, float beta1, float wdc, float s, float alpha,
                     float gamma1) {
     float amax = 0.0f;
     const float alpha1 = 1.0f - alpha;
     if (a) {
-        XRDA_PASS1_CASES(XRDA_A_UPDATE)
+        XRDA_CASES("omp simd reduction(max : amax)", XRDA_A_UPDATE)
     } else {
-        XRDA_PASS1_CASES()
+        XRDA_CASES("omp simd", )
     }
     return amax;
 }
@@ -84,37 +86,21 @@ void st_xrda_pass2(int64_t n, float *restrict w, const float *restrict z, const 
  * written to *pred. Returns the true max(a_k): the caller checks it against the eps it passed
  * (a parameter changed behind the optimizer's back breaks the prediction) and repairs with
  * st_xrda_repair if they differ. Bit-identical to the two passes when the prediction holds. */
-#define XRDA_FUSED_LOOP(Z_UPDATE)                                           \
-    _Pragma("omp simd reduction(max : amax, pmax)")                         \
-    for (int64_t i = 0; i < n; i++) {                                       \
-        const float wi = w[i];                                              \
-        const float vi = lerp1(v[i], g[i], beta1) + wdc * wi;               \
-        v[i] = vi;                                                          \
-        const float zi = (Z_UPDATE) + (-s) * vi;                            \
-        z[i] = zi;                                                          \
-        const float ai = lerp1(a[i], fabsf(wi), gamma1);                    \
-        a[i] = ai;                                                          \
-        amax = ai > amax ? ai : amax;                                       \
-        const float Ti = (alpha != 1.0f ? T[i] * alpha : T[i]) + coef * (eps / (ai + eps)); \
-        T[i] = Ti;                                                          \
-        const float wn = copysignf(relu_nan(fabsf(zi) + (-lam) * Ti), zi);  \
-        w[i] = wn;                                                          \
-        const float pn = lerp1(ai, fabsf(wn), gamma1_next);                 \
-        pmax = pn > pmax ? pn : pmax;                                       \
-    }
+#define XRDA_FUSED_TAIL                                                     \
+    XRDA_A_UPDATE                                                           \
+    const float Ti = (alpha != 1.0f ? T[i] * alpha : T[i]) + coef * (eps / (ai + eps)); \
+    T[i] = Ti;                                                              \
+    const float wn = copysignf(relu_nan(fabsf(zi) + (-lam) * Ti), zi);      \
+    w[i] = wn;                                                              \
+    const float pn = lerp1(ai, fabsf(wn), gamma1_next);                     \
+    pmax = pn > pmax ? pn : pmax;
 
 float st_xrda_fused(int64_t n, float *restrict w, const float *restrict g, float *restrict v, float *restrict z,
                     float *restrict a, float *restrict T, float beta1, float wdc, float s, float alpha, float gamma1,
                     float coef, float eps, float lam, float gamma1_next, float *pred) {
     float amax = 0.0f, pmax = 0.0f;
     const float alpha1 = 1.0f - alpha;
-    if (alpha == 0.0f) {
-        XRDA_FUSED_LOOP(wi)
-    } else if (alpha == 1.0f) {
-        XRDA_FUSED_LOOP(z[i])
-    } else {
-        XRDA_FUSED_LOOP(lerp1(z[i], wi, alpha1))
-    }
+    XRDA_CASES("omp simd reduction(max : amax, pmax)", XRDA_FUSED_TAIL)
     *pred = pmax;
     return amax;
 }
@@ -206,27 +192,10 @@ void st_xrda_group_pass2(int64_t groups, int64_t gsize, float *restrict w, const
 /* Plain l1 (b = c_G, a uniform threshold thr = lam T) in one pass: pass 1 without a, then
  * w <- S_thr(z) as torch.nn.functional.softshrink. */
 #define SOFTSHRINK(zi, thr) ((zi) > (thr) ? (zi) - (thr) : ((zi) < -(thr) ? (zi) + (thr) : ((zi) != (zi) ? (zi) : 0.0f)))
-#define XRDA_PLAIN_LOOP(Z_UPDATE)                                 \
-    _Pragma("omp simd")                                           \
-    for (int64_t i = 0; i < n; i++) {                             \
-        const float wi = w[i];                                    \
-        const float vi = lerp1(v[i], g[i], beta1) + wdc * wi;     \
-        v[i] = vi;                                                \
-        const float zi = (Z_UPDATE) + (-s) * vi;                  \
-        z[i] = zi;                                                \
-        w[i] = SOFTSHRINK(zi, thr);                               \
-    }
-
 void st_xrda_plain(int64_t n, float *restrict w, const float *restrict g, float *restrict v, float *restrict z,
                    float beta1, float wdc, float s, float alpha, float thr) {
     const float alpha1 = 1.0f - alpha;
-    if (alpha == 0.0f) {
-        XRDA_PLAIN_LOOP(wi)
-    } else if (alpha == 1.0f) {
-        XRDA_PLAIN_LOOP(z[i])
-    } else {
-        XRDA_PLAIN_LOOP(lerp1(z[i], wi, alpha1))
-    }
+    XRDA_CASES("omp simd", w[i] = SOFTSHRINK(zi, thr);)
 }
 
 /* ---------------------------------------------------------------- CSR products
