@@ -132,6 +132,8 @@ CASES = [
     ("train-subset", lambda e: train(e, "--train-subset", "0"), ["--train-subset", "> 0"]),
     ("momentum", lambda e: train(e, "--momentum", "1.5"), ["--momentum", "[0, 1)"]),
     ("foreign-option", lambda e: train(e, "--sparsity", "0.5"), ["--sparsity", "method dense", "--momentum"]),
+    ("init-denser-than-target", lambda e: train(e, "--method", "linbreg", "--sparsity", "0.98", "--init-density", "0.5"),
+     ["--init-density", "0.5", "allowed: (0, 0.02]"]),
     ("unknown-flag", lambda e: train(e, "--foo", "1"), ["unrecognized arguments: --foo", "--help"]),
     ("missing-value", lambda e: train(e, "--lr"), ["--lr", "expected one argument"]),
     # --- run directories

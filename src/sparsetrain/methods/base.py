@@ -144,6 +144,7 @@ class Method:
     build: Callable[[nn.Module, BuildContext], Strategy]
     lr: float = 0.1
     options: tuple[Option, ...] = field(default_factory=tuple)
+    check: Callable[[dict[str, Any]], None] | None = None     # checks across options (UsageError)
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
         """This method's options: given values (checked) over defaults. Options that belong to
@@ -153,16 +154,20 @@ class Method:
             if v is not None and k not in own:
                 names = ", ".join(o.flag for o in self.options) or "none"
                 raise UsageError(f"--{k.replace('_', '-')}: not an option of method {self.name} (its options: {names})")
-        return {k: o.check(given[k]) if given.get(k) is not None else o.default for k, o in own.items()}
+        resolved = {k: o.check(given[k]) if given.get(k) is not None else o.default for k, o in own.items()}
+        if self.check is not None:
+            self.check(resolved)
+        return resolved
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, help: str, lr: float = 0.1, options: tuple[Option, ...] = ()):
-    """Decorator: register ``build(model, ctx) -> Strategy`` as method ``name``."""
+def register(name: str, help: str, lr: float = 0.1, options: tuple[Option, ...] = (), check=None):
+    """Decorator: register ``build(model, ctx) -> Strategy`` as method ``name`` (``check``: a
+    function of the resolved options that raises a UsageError for a bad combination)."""
     def deco(build):
-        METHODS[name] = Method(name, help, build, lr, tuple(options))
+        METHODS[name] = Method(name, help, build, lr, tuple(options), check)
         return build
     return deco
 

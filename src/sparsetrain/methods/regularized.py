@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import optim
+from ..errors import UsageError
 from ..init import sparse_init_
 from ..params import param_groups
 from ..regularizers import L1, make_regularizer
@@ -122,6 +123,19 @@ BREGMAN_OPTIONS = REG_OPTIONS + (
 )
 
 
+def _check_init_density(options: dict) -> None:
+    """Bregman iterations grow the support from the sparse initialisation (a λ change re-initialises
+    v from the current weights, so every nonzero weight stays active): a start denser than the
+    target could never come down to it."""
+    target = options.get("sparsity")
+    if target is None and options.get("lam") is None:
+        target = DEFAULT_SPARSITY
+    if target is not None and options["init_density"] > 1 - target + 1e-12:
+        raise UsageError(f"--init-density: {options['init_density']:g} is denser than the target density "
+                         f"1 − sparsity = {1 - target:g}, which Bregman iterations (they only grow the support) "
+                         f"cannot reach; allowed: (0, {1 - target:g}]")
+
+
 def _sparse_init(model, ctx: BuildContext) -> None:
     o = ctx.options
     if o["init_density"] < 1:
@@ -138,7 +152,7 @@ def build_proxsgd(model, ctx: BuildContext) -> Strategy:
 
 
 @register("linbreg", "LinBreg: linearized Bregman iterations, sparse init (Bungert et al.)", lr=1.0,
-          options=BREGMAN_OPTIONS + (momentum_option(0.9),))
+          options=BREGMAN_OPTIONS + (momentum_option(0.9),), check=_check_init_density)
 def build_linbreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
     opt = optim.LinBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
@@ -147,7 +161,7 @@ def build_linbreg(model, ctx: BuildContext) -> Strategy:
 
 
 @register("adabreg", "AdaBreg: Adam-type Bregman iterations, sparse init (Bungert et al.)", lr=3e-3,
-          options=BREGMAN_OPTIONS)
+          options=BREGMAN_OPTIONS, check=_check_init_density)
 def build_adabreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
     opt = optim.AdaBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"])
