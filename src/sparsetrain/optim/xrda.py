@@ -174,10 +174,14 @@ class XRDA(SparseOptimizer):
                                      total_steps=group["total_steps"], milestones=group["milestones"],
                                      alpha=group["alpha"])
             params = [p for p, _ in items]
-            s_next, _ = xrda_schedule(k + 1, lr=float(group["lr"]), schedule=group["schedule"],
-                                      total_steps=group["total_steps"], milestones=group["milestones"],
-                                      alpha=group["alpha"])
-            hints = self.__dict__.setdefault("_max_a_hints", {})  # per tensor; not state: rebuilt in a step
+            hints = gamma_next = None
+            if penalize and reweight:  # max(a) predictions for the one-pass native step (not state)
+                s_next, _ = xrda_schedule(k + 1, lr=float(group["lr"]), schedule=group["schedule"],
+                                          total_steps=group["total_steps"], milestones=group["milestones"],
+                                          alpha=group["alpha"])
+                gamma_next = math.exp(-s_next / group["tau_b"])
+                table = self.__dict__.setdefault("_max_a_hints", {})
+                hints = [table.setdefault(p, {}) for p in params]
             Ts = xrda(params, [p.grad for p in params], [st["v"] for _, st in items],
                       [st.get("z") for _, st in items], [st.get("a") for _, st in items],
                       [st.get("T") for _, st in items], s=s, alpha=alpha,
@@ -185,7 +189,7 @@ class XRDA(SparseOptimizer):
                       lam=float(group["lam"]), max_factor=float(group["max_factor"]),
                       weight_decay=group["weight_decay"], reweight=reweight, mode=mode,
                       penalize=penalize, foreach=self._use_foreach(group),
-                      hints=[hints.setdefault(p, {}) for p in params], gamma_next=math.exp(-s_next / group["tau_b"]))
+                      hints=hints, gamma_next=gamma_next)
             if penalize:
                 for (_, st), T in zip(items, Ts):
                     st["T"] = T
@@ -341,7 +345,7 @@ def xrda(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], zs: list, 
     next step) let the native elementwise step run in one pass (see :func:`_xrda_native`)."""
     kw = dict(s=s, alpha=alpha, beta=beta, gamma=gamma, lam=lam, max_factor=max_factor,
               weight_decay=weight_decay, reweight=reweight)
-    fused = [penalize and _native_ok(*t) for t in zip(params, grads, vs, zs, as_, Ts)]
+    fused = [_native_ok(*t) for t in zip(params, grads, vs, zs, as_, Ts)] if penalize else []
     if not any(fused):
         return _xrda_torch(params, grads, vs, zs, as_, Ts, **kw, mode=mode, penalize=penalize, foreach=foreach)
     rest = [i for i, f in enumerate(fused) if not f]
