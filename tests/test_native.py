@@ -142,3 +142,30 @@ def test_disabled_via_environment(monkeypatch):
     monkeypatch.setitem(native._state, "why", "")
     monkeypatch.setenv("SPARSETRAIN_NATIVE", "0")
     assert native.lib() is None and "SPARSETRAIN_NATIVE=0" in native.status()
+
+
+@needs_native
+def test_one_pass_step_is_bitwise_the_two_pass_step_and_survives_outside_changes():
+    """The max(a) prediction makes the step one pass with bit-identical results; a weight changed
+    outside the optimizer breaks the prediction, which the step detects and repairs."""
+    def run(fresh_hints: bool, poke: bool, use_native: bool = True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5))
+        opt = XRDA(param_groups(net, L1(3e-4)), lr=0.5, lam=3e-4, total_steps=30)
+        x, y = torch.randn(32, 30), torch.randint(0, 5, (32,))
+        for k in range(12):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            if fresh_hints:
+                opt.__dict__.pop("_max_a_hints", None)          # forces the two-pass step
+            with contextlib.nullcontext() if use_native else native.disabled():
+                opt.step()
+            if poke and k == 5:
+                with torch.no_grad():
+                    net[0].weight[0, 0] = 3.0                   # a new largest |w|: the prediction is wrong
+        return [p.detach().clone() for p in net.parameters()]
+    one, two = run(False, False), run(True, False)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    poked, ref = run(False, True), run(True, True, use_native=False)
+    for a, b in zip(poked, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -123,6 +123,10 @@ class XRDA(SparseOptimizer):
                         alpha=alpha, mode=mode, weight_decay=weight_decay, penalize=True, foreach=foreach)
         super().__init__(params, defaults)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.__dict__.pop("_max_a_hints", None)   # predictions about the replaced a / w: recomputed
+
     def add_param_group(self, param_group: dict) -> None:
         if "reg" in param_group:  # a group from param_groups(): reg=None means unpenalised
             param_group = dict(param_group)
