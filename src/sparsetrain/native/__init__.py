@@ -43,6 +43,7 @@ _lock = threading.Lock()
 _DTYPES = (torch.float32, torch.int32)
 _state: dict = {"lib": None, "tried": False, "why": ""}
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 _f32p = ctypes.c_void_p
 _I64, _F32 = ctypes.c_int64, ctypes.c_float
@@ -152,12 +153,12 @@ def _threads(work: int) -> int:
 def parallel_for(bounds, fn, work: int) -> list:
     """``[fn(lo, hi) for each chunk]`` over ``bounds`` (a list of split points, e.g. from
     :func:`split`), on ``torch.get_num_threads()`` threads when ``work`` is large enough."""
-    global _pool
+    global _pool, _pool_size
     chunks = list(zip(bounds[:-1], bounds[1:]))
     if len(chunks) == 1:
         return [fn(*chunks[0])]
-    if _pool is None or _pool._max_workers < len(chunks):
-        _pool = ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="sparsetrain-native")
+    if _pool is None or _pool_size < len(chunks):
+        _pool, _pool_size = ThreadPoolExecutor(len(chunks), thread_name_prefix="sparsetrain-native"), len(chunks)
     return list(_pool.map(lambda c: fn(*c), chunks))
 
 
