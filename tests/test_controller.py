@@ -92,3 +92,16 @@ def _saved(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def test_xrda_under_a_target_starts_gently(idx_dir, tmp_path):
+    """xRDA's λ starts tiny under a target: the first step must not wipe out the network (a start
+    at 1e-3 removed most weights at once, and units that lost all their weights never came back);
+    the controller still reaches the target (it needs ~100 steps to raise λ from 1e-8)."""
+    out = tmp_path / "run"
+    assert main(["train", "--method", "xrda", "--sparsity", "0.98", "--epochs", "4", "--data-dir", str(idx_dir),
+                 "--batch-size", "16", "--out", str(out), "--no-progress"]) == 0     # 152 steps
+    summary = json.loads((out / "summary.json").read_text())
+    step, lam, density = summary["lam_trajectory"][0]
+    assert lam <= 1e-7 and density > 0.9, summary["lam_trajectory"][:3]
+    assert abs(summary["sparsity"] - 0.98) <= 0.005
