@@ -100,6 +100,7 @@ class Strategy:
     schedule (xRDA), so the trainer's learning-rate schedule stays constant."""
 
     schedules_lr = False
+    saved: tuple[str, ...] = ()      # plain attributes that state_dict() checkpoints and load_state_dict() restores
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model
@@ -131,10 +132,12 @@ class Strategy:
         return {}
 
     def state_dict(self) -> dict:
-        return {}
+        return {k: getattr(self, k) for k in self.saved}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        for k in self.saved:
+            if k in state:
+                setattr(self, k, state[k])
 
 
 @dataclass

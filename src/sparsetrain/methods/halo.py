@@ -26,6 +26,8 @@ import torch
 
 
 class HALOStrategy(MaskedStrategy):
+    saved = ("before", "after")
+
     def __init__(self, model, optimizer, ctx, halo: HALO, sparsity: float, finetune_epochs: int,
                  finetune_lr: float):
         super().__init__(model, optimizer, ctx)
@@ -82,14 +84,12 @@ class HALOStrategy(MaskedStrategy):
                 "halo_variant": self.halo.variant, **self.halo.scale_stats()}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "halo": self.halo.state_dict(), "before": self.before,
-                "after": self.after}
+        return {**super().state_dict(), "halo": self.halo.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if "halo" in state:
             self.halo.load_state_dict(state["halo"])
-        self.before, self.after = state.get("before"), state.get("after")
         if self.pruned:
             for lam in self.halo.scales:
                 lam.requires_grad_(False)

@@ -159,15 +159,18 @@ class MaskedStrategy(Strategy):
         return {} if self.mask is None else {"mask_sparsity": self.mask.sparsity()}
 
     def state_dict(self) -> dict:
-        return {"mask": None if self.mask is None else self.mask.state_dict()}
+        return {**super().state_dict(), "mask": None if self.mask is None else self.mask.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         if state.get("mask") is not None:
             self.ensure_mask().load_state_dict(state["mask"])
 
 
 # ---------------------------------------------------------------------------------------- magnitude
 class OneShotMagnitude(MaskedStrategy):
+    saved = ("before", "after")
+
     def __init__(self, model, optimizer, ctx, sparsity, prune_epoch, distribution):
         super().__init__(model, optimizer, ctx)
         self.sparsity, self.prune_epoch, self.distribution = sparsity, prune_epoch, distribution
@@ -187,13 +190,6 @@ class OneShotMagnitude(MaskedStrategy):
         return {"prune_epoch": self.prune_epoch, "accuracy_before_prune": self.before,
                 "accuracy_after_prune": self.after, "distribution": self.distribution}
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "before": self.before, "after": self.after}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.before, self.after = state.get("before"), state.get("after")
-
 
 PRUNE_DISTRIBUTION = distribution_option("global", ("global", "uniform", "erk"))
 
@@ -211,6 +207,8 @@ def build_magnitude(model, ctx: BuildContext) -> Strategy:
 
 # ---------------------------------------------------------------------------------------- gmp
 class GMP(MaskedStrategy):
+    saved = ("current", "updates")
+
     def __init__(self, model, optimizer, ctx, sparsity, initial, start, end, every, distribution):
         super().__init__(model, optimizer, ctx)
         total = ctx.total_steps
@@ -242,13 +240,6 @@ class GMP(MaskedStrategy):
         return {"prune_start_step": self.t0, "prune_end_step": self.t1, "prune_updates": self.updates,
                 "distribution": self.distribution}
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "current": self.current, "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.current, self.updates = state.get("current", 0.0), state.get("updates", 0)
-
 
 @register("gmp", "gradual magnitude pruning (Zhu & Gupta): cubic sparsity schedule to --sparsity",
           lr=0.1, options=(sparsity_option(), fraction("initial_sparsity", 0.0, "sparsity s_i when GMP starts (gmp)"),
@@ -269,6 +260,8 @@ def build_gmp(model, ctx: BuildContext) -> Strategy:
 
 # ---------------------------------------------------------------------------------------- imp
 class IMP(MaskedStrategy):
+    saved = ("level", "history")
+
     def __init__(self, model, optimizer, ctx, sparsity, levels, rewind_step, distribution):
         super().__init__(model, optimizer, ctx)
         self.sparsity, self.levels, self.distribution = sparsity, levels, distribution
@@ -327,12 +320,10 @@ class IMP(MaskedStrategy):
                 "distribution": self.distribution}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "level": self.level, "rewind": self.rewind, "history": self.history}
+        return {**super().state_dict(), "rewind": self.rewind}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.level = state.get("level", 0)
-        self.history = list(state.get("history", []))
         if state.get("rewind") is not None:
             self.rewind = {k: v.to(self.ctx.device) for k, v in state["rewind"].items()}
 
@@ -354,6 +345,8 @@ def build_imp(model, ctx: BuildContext) -> Strategy:
 
 # ---------------------------------------------------------------------------------------- rigl
 class RigL(MaskedStrategy):
+    saved = ("updates", "changed")
+
     def __init__(self, model, optimizer, ctx, sparsity, distribution, dense_first, every, alpha, end, seed):
         super().__init__(model, optimizer, ctx)
         mask = self.ensure_mask()
@@ -386,13 +379,6 @@ class RigL(MaskedStrategy):
     def finish(self, trainer) -> dict:
         return {"rigl_updates": self.updates, "distribution": self.distribution, "dense_first": self.dense_first,
                 "layer_mask_density": self.mask.layer_density()}
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "updates": self.updates, "changed": self.changed}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.updates, self.changed = state.get("updates", 0), state.get("changed", 0)
 
 
 @register("rigl", "RigL dynamic sparse training at fixed sparsity (drop by magnitude, grow by gradient)",
