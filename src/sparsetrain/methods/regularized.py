@@ -39,10 +39,16 @@ DEFAULT_LAM = 1e-3
 XRDA_START_LAM = 1e-8
 
 
+def _target_sparsity(options: dict, lam_key: str = "lam") -> float | None:
+    """The run's target sparsity: ``--sparsity``, else DEFAULT_SPARSITY unless a λ was given (fixed λ)."""
+    if options.get("sparsity") is None and options.get(lam_key) is None:
+        return DEFAULT_SPARSITY
+    return options.get("sparsity")
+
+
 def _target(options: dict, lam_key: str = "lam", start: float = DEFAULT_LAM) -> dict:
     """Fill in the target sparsity and the (starting) λ: a λ given alone stays fixed."""
-    if options.get("sparsity") is None and options.get(lam_key) is None:
-        options["sparsity"] = DEFAULT_SPARSITY
+    options["sparsity"] = _target_sparsity(options, lam_key)
     if options.get(lam_key) is None:
         options[lam_key] = start
     return options
@@ -132,9 +138,7 @@ def _check_init_density(options: dict) -> None:
     """Bregman iterations grow the support from the sparse initialisation (a λ change re-initialises
     v from the current weights, so every nonzero weight stays active): a start denser than the
     target could never come down to it."""
-    target = options.get("sparsity")
-    if target is None and options.get("lam") is None:
-        target = DEFAULT_SPARSITY
+    target = _target_sparsity(options)
     if target is not None and options["init_density"] > 1 - target + 1e-12:
         raise UsageError(f"--init-density: {options['init_density']:g} is denser than the target density "
                          f"1 − sparsity = {1 - target:g}, which Bregman iterations (they only grow the support) "

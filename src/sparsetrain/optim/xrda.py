@@ -242,12 +242,12 @@ def _xrda_native(p: Tensor, g: Tensor, v: Tensor, z: Tensor, a, T, *, s: float, 
     wrong prediction (w or a changed outside the optimizer) is repaired at once. Each step then
     predicts the next one's for ``gamma_next``."""
     so, P = native.lib(), native.ptr
-    if reweight and _grouping(p.shape, mode)[0] is None and hint is not None:
+    gsize = _grouping(p.shape, mode)[1]
+    if reweight and gsize == 1 and hint is not None:
         return _xrda_native_elementwise(p, g, v, z, a, T, s=s, alpha=alpha, beta=beta, gamma=gamma, lam=lam,
                                         max_factor=max_factor, weight_decay=weight_decay, hint=hint,
                                         gamma_next=gamma_next)
     n = p.numel()
-    gsize = _grouping(p.shape, mode)[1]
     groups = n // gsize
     step = (1 - beta, (1 - beta) * weight_decay, s, alpha, 1 - gamma)
     bounds = native.split(groups, 4 * n)                 # in groups; entries are lo*gsize ... hi*gsize
@@ -361,7 +361,7 @@ def xrda(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], zs: list, 
             new_Ts[i] = T
     todo = [i for i, f in enumerate(fused) if f]
     if reweight and hints is not None and gamma_next is not None:  # the common case: one native call
-        multi = [i for i in todo if _grouping(params[i].shape, mode)[0] is None
+        multi = [i for i in todo if _grouping(params[i].shape, mode)[1] == 1
                  and hints[i].get("gamma1") == 1 - gamma]
         work = 4 * sum(params[i].numel() for i in multi)
         if len(multi) > 1 and len(native.split(work, work)) == 2:   # small enough for one thread
