@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .liveness import DeadNetworkError
 from .errors import UsageError
 
 __all__ = ["compare", "render_report", "configure_parser", "run_cli"]
@@ -283,10 +284,10 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
         t0 = time.perf_counter()
         try:
             summary = Trainer(cfg).run()
-        except FloatingPointError as e:
+        except (FloatingPointError, DeadNetworkError) as e:
             failed.append({"name": run["name"], "method": run["method"], "target": run["target"],
                            "seed": run["seed"], "dir": str(d.relative_to(out)), "error": str(e)})
-            log(f"{label}: diverged: {e}")
+            log(f"{label}: {'dead' if isinstance(e, DeadNetworkError) else 'diverged'}: {e}")
             _write_results(out, settings, rows, failed, complete=False)
             continue
         executed.append(run["name"])

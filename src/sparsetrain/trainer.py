@@ -36,8 +36,9 @@ from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_js
 from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
 from .methods import BuildContext, Strategy, get_method
-from .models import MODELS, build_model
+from .models import MODELS, build_model, check_input
 from . import distributed as dist
+from .liveness import DeadNetworkError, LivenessCheck
 
 SCHEDULES = ("cosine", "step", "plateau", "constant")
 CHECKPOINT = "checkpoint.pt"
@@ -75,7 +76,7 @@ class TrainConfig:
         check(isinstance(self.epochs, int) and self.epochs > 0, "--epochs", "an integer > 0", self.epochs)
         check(isinstance(self.batch_size, int) and self.batch_size > 0, "--batch-size", "an integer > 0", self.batch_size)
         if self.lr is None:
-            self.lr = method.lr
+            self.lr = method.default_lr(self.model)
         check(math.isfinite(self.lr) and self.lr > 0, "--lr", "a number > 0", self.lr)
         check(self.weight_decay >= 0, "--weight-decay", ">= 0", self.weight_decay)
         check(0 <= self.val_fraction < 1, "--val-fraction", "in [0, 1)", self.val_fraction)
@@ -85,7 +86,7 @@ class TrainConfig:
             v = getattr(self, name)
             check(v is None or v > 0, "--" + name.replace("_", "-"), "an integer > 0", v)
         choice(self.device if not self.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda", "mps"))
-        self.options = method.resolve(self.options)
+        self.options = method.resolve(self.options, self.model)
         return self
 
     def to_dict(self) -> dict:
@@ -175,6 +176,9 @@ class Trainer:
         info = self.loaders.info
         self.in_shape = tuple(info.in_shape)
         self.model = (model or build_model(cfg.model, info.in_shape, info.num_classes)).to(self.device)
+        check_input(self.model, self.in_shape, info.num_classes, self.device,
+                    "--model" if model is None else "model", cfg.model if model is None else type(model).__name__,
+                    info.name)
         ctx = BuildContext(cfg, cfg.options, len(self.loaders.train), self.device, self.in_shape)
         self.strategy: Strategy = get_method(cfg.method).build(self.model, ctx)
         self.net = dist.wrap(self.model, self.device)     # DDP in a multi-process run
@@ -183,6 +187,7 @@ class Trainer:
         self.epochs = self.strategy.total_epochs(cfg.epochs)
         self.scheduler = make_scheduler(self.strategy.optimizer, cfg, len(self.loaders.train), self.epochs,
                                         "constant" if self.strategy.schedules_lr else None)
+        self.liveness = LivenessCheck(self.model)
         self.step = 0
         self.start_epoch = 0
         self.history: list[dict] = []
@@ -309,6 +314,11 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             full.backward()
             dist.average_gradients(outside_ddp)
+            try:
+                self.liveness.observe(self.step)
+            except DeadNetworkError as e:
+                e.quiet = not self.is_main            # every rank stops here; rank 0 reports it
+                raise
             strat.after_backward(self.step)
             opt.step()
             strat.after_step(self.step)

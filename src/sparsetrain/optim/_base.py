@@ -112,12 +112,14 @@ class SparseOptimizer(Optimizer):
             else:
                 g[self.lam_key] = lam
 
-    def scale_lam(self, factor: float) -> None:
-        """Multiply λ of every regularized group by ``factor`` (a shared regularizer once)."""
+    def scale_lam(self, factor: float, groups=None) -> None:
+        """Multiply λ of every regularized group (or of the param groups with the indices in
+        ``groups``) by ``factor`` (a shared regularizer once)."""
         factor = check_number(factor, "factor")
         seen: set[int] = set()
-        for g in self.param_groups:
-            if not self.is_regularized(g):
+        chosen = None if groups is None else set(groups)
+        for i, g in enumerate(self.param_groups):
+            if not self.is_regularized(g) or (chosen is not None and i not in chosen):
                 continue
             if self.lam_key is not None:
                 g[self.lam_key] = g[self.lam_key] * factor
