@@ -18,19 +18,22 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
     not torch.cuda.is_available(), reason="no CUDA device")])]
 
 
-def _params(device, seed=0):
+def _params(device, seed=0, channels_last=False):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).mul_(0.1).to(device).requires_grad_() for s in SHAPES]
+    ps = [torch.randn(s, generator=g).mul_(0.1).to(device) for s in SHAPES]
+    if channels_last:
+        ps = [p.to(memory_format=torch.channels_last) if p.dim() == 4 else p for p in ps]
+    return [p.requires_grad_() for p in ps]
 
 
-def _run(make, device, fused: bool, monkeypatch, steps=3, poke=None):
+def _run(make, device, fused: bool, monkeypatch, steps=3, poke=None, channels_last=False):
     monkeypatch.setenv(fused_cuda.ENV, "force" if fused else "off")
-    ps = _params(device)
+    ps = _params(device, channels_last=channels_last)
     opt = make(ps)
     g = torch.Generator().manual_seed(1)
     for k in range(steps):
         for p in ps:
-            p.grad = torch.randn(p.shape, generator=g).to(device)
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
         opt.step()
         if poke is not None and k == 0:
             poke(ps)
@@ -93,6 +96,13 @@ def test_xrda(device, mode, reweight, schedule, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_weights(device, monkeypatch):
+    """Conv weights in channels_last (the trainer's layout on a GPU) take the elementwise kernels."""
+    _check(lambda ps: XRDA(ps, lr=0.5, lam=1e-3), device, monkeypatch, channels_last=True)
+    _check(lambda ps: LinBreg(ps, lr=0.1, reg=L1(0.05), momentum=0.9), device, monkeypatch, channels_last=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_xrda_fixed_alpha_and_unpenalised_group(device, monkeypatch):
     def make(ps):
         return XRDA([{"params": ps[:3], "alpha": 0.3}, {"params": ps[3:], "penalize": False}], lr=0.5, lam=1e-3)
@@ -120,15 +130,18 @@ def test_dispatch_whitelist():
     old = os.environ.get(fused_cuda.ENV)
     os.environ[fused_cuda.ENV] = "force"
     try:
-        assert fused_cuda.applicable([p], group, fused_cuda.PROXSGD_KNOWN)
-        assert fused_cuda.applicable([p], {**group, "maximize": False}, fused_cuda.PROXSGD_KNOWN)
-        assert not fused_cuda.applicable([p], {**group, "maximize": True}, fused_cuda.PROXSGD_KNOWN)
-        assert not fused_cuda.applicable([p], {**group, "reg": GroupL12(0.1)}, fused_cuda.PROXSGD_KNOWN)
-        assert not fused_cuda.applicable([p.double()], group, fused_cuda.PROXSGD_KNOWN)
-        assert not fused_cuda.applicable([torch.zeros(3, 2).t()], group, fused_cuda.PROXSGD_KNOWN)
-        assert not fused_cuda.applicable([p], {**group, "lr": 0.0}, fused_cuda.BREGMAN_KNOWN)
+        assert fused_cuda.applicable([[p]], group, fused_cuda.PROXSGD_KNOWN)
+        assert fused_cuda.applicable([[p]], {**group, "maximize": False}, fused_cuda.PROXSGD_KNOWN)
+        assert not fused_cuda.applicable([[p]], {**group, "maximize": True}, fused_cuda.PROXSGD_KNOWN)
+        assert not fused_cuda.applicable([[p]], {**group, "reg": GroupL12(0.1)}, fused_cuda.PROXSGD_KNOWN)
+        assert not fused_cuda.applicable([[p.double()]], group, fused_cuda.PROXSGD_KNOWN)
+        assert not fused_cuda.applicable([[torch.zeros(3, 2).t()]], group, fused_cuda.PROXSGD_KNOWN)
+        assert not fused_cuda.applicable([[p]], {**group, "lr": 0.0}, fused_cuda.BREGMAN_KNOWN)
+        w = torch.zeros(4, 3, 2, 2).to(memory_format=torch.channels_last)
+        assert fused_cuda.applicable([[w], [torch.zeros_like(w)]], group, fused_cuda.PROXSGD_KNOWN)
+        assert not fused_cuda.applicable([[w], [torch.zeros(4, 3, 2, 2)]], group, fused_cuda.PROXSGD_KNOWN)
         os.environ[fused_cuda.ENV] = "auto"   # CPU tensors: only when forced
-        assert not fused_cuda.applicable([p], group, fused_cuda.PROXSGD_KNOWN)
+        assert not fused_cuda.applicable([[p]], group, fused_cuda.PROXSGD_KNOWN)
     finally:
         if old is None:
             os.environ.pop(fused_cuda.ENV)

@@ -69,8 +69,8 @@ class AdaBreg(BregmanOptimizer):
             return
         kw = dict(reg=reg, lr=float(group["lr"]), delta=delta, beta1=group["betas"][0], beta2=group["betas"][1],
                   eps=group["eps"])
-        tensors = params + grads + vs + exp_avgs + exp_avg_sqs
-        if not (fused_cuda.applicable(tensors, group, fused_cuda.BREGMAN_KNOWN)
+        streams = [params, grads, vs, exp_avgs, exp_avg_sqs]
+        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN)
                 and fused_cuda.adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw,
                                        cache=self._fused_cache())):
             adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw, foreach=self._use_foreach(group))

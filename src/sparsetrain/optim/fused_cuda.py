@@ -55,20 +55,36 @@ def _mode() -> str:
     return os.environ.get(ENV, "auto").strip().lower()
 
 
-def _tensors_ok(tensors) -> bool:
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Equal shapes and strides (dimensions of size 1 have no meaningful stride)."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _tensors_ok(streams) -> bool:
+    """float32, dense (contiguous or channels_last), on CUDA unless forced, and every state tensor
+    laid out like its parameter (so that one flat index means the same entry in all of them)."""
     forced = _mode() == "force"
-    for t in tensors:
-        if t is None:
-            continue
-        if t.dtype != torch.float32 or not t.is_contiguous() or (t.device.type != "cuda" and not forced):
-            return False
+    for i, p in enumerate(streams[0]):
+        for s in streams:
+            t = s[i] if len(s) == len(streams[0]) else None
+            if not torch.is_tensor(t):
+                continue
+            if t.dtype != torch.float32 or not _dense(t) or (t.device.type != "cuda" and not forced):
+                return False
+            if t.numel() == p.numel() and not _same_layout(t, p):
+                return False
     return True
 
 
-def applicable(tensors, group: dict, known: dict) -> bool:
+def applicable(streams, group: dict, known: dict) -> bool:
     """Whether the fused path implements this step: Triton present, not switched off, float32
-    contiguous tensors on CUDA (any device when forced), the group's regularizer L1 or none, and
-    every other group key either in ``known`` (a predicate on its value) or switched off."""
+    dense tensors on CUDA (any device when forced; ``streams``: the lists of parameters, gradients,
+    states), the group's regularizer L1 or none, and every other group key either in ``known``
+    (a predicate on its value) or switched off."""
     if triton is None or _mode() in ("off", "0", "false"):
         return False
     reg = group.get("reg")
@@ -83,7 +99,7 @@ def applicable(tensors, group: dict, known: dict) -> bool:
                 return False
         elif value not in (None, False, 0):   # an option no kernel knows: the torch path
             return False
-    return _tensors_ok(tensors)
+    return _tensors_ok(streams)
 
 
 #: group keys every optimizer has and no kernel needs to know (LR schedulers add ``initial_lr``)
@@ -434,6 +450,14 @@ def adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, *, reg, lr: float, 
 XRDA_KNOWN = {key: (lambda x: True) for key in (
     "lr", "lam", "tau", "tau_b", "max_factor", "reweight", "schedule", "total_steps", "milestones",
     "alpha", "mode", "weight_decay", "penalize")}
+
+
+def xrda_applicable(streams, group: dict) -> bool:
+    """:func:`applicable` for xRDA; grouped modes also need 4-D weights in the default layout (the
+    groups are then runs of consecutive entries)."""
+    if not applicable(streams, group, XRDA_KNOWN):
+        return False
+    return group["mode"] == "normal" or all(p.dim() < 3 or p.is_contiguous() for p in streams[0])
 
 
 def _alpha_mode(alpha: float) -> int:
