@@ -33,7 +33,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from . import metrics
+from . import metrics, nm
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
@@ -72,6 +72,7 @@ class TrainConfig:
     test_subset: int | None = None
     progress: bool = True
     precision: str = "fp32"
+    pattern: str | None = None            # N:M structured sparsity, e.g. "2:4"
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, custom_data: bool = False) -> "TrainConfig":
@@ -94,6 +95,7 @@ class TrainConfig:
             check(v is None or v > 0, "--" + name.replace("_", "-"), "an integer > 0", v)
         choice(self.device if not self.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda", "mps"))
         choice(self.precision, "--precision", PRECISIONS)
+        nm.parse_pattern(self.pattern)
         self.options = method.resolve(self.options)
         return self
 
@@ -432,6 +434,10 @@ class Trainer:
 
     def finish(self) -> dict:
         extras = self.strategy.finish(self)
+        pattern = nm.parse_pattern(self.cfg.pattern)
+        if pattern is not None:   # the exact N:M projection (a no-op for masks pruned in N:M blocks)
+            before = self.evaluate()[1]
+            extras = {**extras, **nm.project_(self.model, *pattern), "accuracy_before_pattern": before}
         test_loss, test_acc = self.evaluate()
         summary = {"method": self.cfg.method, "model": self.cfg.model, "data": self.cfg.data,
                    "epochs": self.epochs, "test_accuracy": test_acc, "test_loss": test_loss,
