@@ -62,3 +62,49 @@ def test_regularizer_ends_with_the_projection(idx_dir):
     summary = t.run()
     assert summary["pattern_layers"] == 3 and "accuracy_before_pattern" in summary
     assert all(nm.is_nm(w, 2, 4) for _, w in prunable_weights(t.model))
+
+
+def _nm_mlp():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                              torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    nm.project_(net, 2, 4)
+    return net
+
+
+def test_semi_structured_export_falls_back_to_dense_on_cpu(tmp_path):
+    from sparsetrain.export import export_info, export_model, load_export
+    net = _nm_mlp().eval()
+    path = export_model(net, "semi-structured", tmp_path / "m.safetensors", in_shape=(1, 8, 8))
+    assert export_info(path)["extra"]["semi_structured_layers"] == ["1", "3", "5"]
+    m = load_export(path)
+    assert [r["semi_structured"] for r in m.semi_structured] == [False] * 3
+    assert all("cpu" in r["reason"] for r in m.semi_structured)
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(m(x), net(x))
+
+
+def test_semi_structured_needs_the_pattern_and_half_precision():
+    from sparsetrain.export import to_semi_structured
+    net = _nm_mlp()
+    with torch.no_grad():
+        net[5].weight.fill_(1.0)
+    rows = {r["layer"]: r for r in to_semi_structured(net)}
+    assert rows["5"]["reason"] == "not 2:4 sparse"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_semi_structured_on_gpu_matches_dense(dtype):
+    from sparsetrain.export import to_semi_structured
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128).cuda().to(dtype)
+    nm.project_(lin, 2, 4)
+    ref = torch.nn.Linear(256, 128).cuda().to(dtype)
+    ref.load_state_dict(lin.state_dict())
+    rows = to_semi_structured(lin)
+    assert rows[0]["semi_structured"], rows
+    x = torch.randn(64, 256, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), ref(x), rtol=2e-2, atol=2e-2)
