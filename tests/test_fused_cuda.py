@@ -3,7 +3,7 @@
 On a CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest) with
 ``SPARSETRAIN_FUSED=force``; on a CUDA machine the same tests also run on the GPU (marker ``cuda``).
 Tensors are tiny: the interpreter is slow."""
-import math
+import os
 
 import pytest
 import torch
@@ -14,7 +14,9 @@ from sparsetrain.regularizers import L1, GroupL12
 pytestmark = pytest.mark.skipif(not fused_cuda.available(), reason="triton is not installed")
 
 SHAPES = [(7,), (6, 5), (4, 3, 3, 3), (2, 3, 1, 1), (fused_cuda.BLOCK + 9,)]
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton's interpreter is off (a GPU machine): the cuda variants run instead")
+DEVICES = [pytest.param("cpu", marks=INTERPRETED), pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device")])]
 
 
@@ -149,9 +151,10 @@ def test_dispatch_whitelist():
             os.environ[fused_cuda.ENV] = old
 
 
-def test_xrda_prediction_hits_in_a_steady_run(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_xrda_prediction_hits_in_a_steady_run(device, monkeypatch):
     """After the first step the predicted max(a_k) is exact: the repair launch does nothing."""
-    _, _, opt = _run(lambda ps: XRDA(ps, lr=0.5, lam=1e-3), "cpu", True, monkeypatch, steps=3)
+    _, _, opt = _run(lambda ps: XRDA(ps, lr=0.5, lam=1e-3), device, True, monkeypatch, steps=3)
     (sub,) = [v for k, v in opt._fused_cache().items() if isinstance(k, tuple) and k[0] == "reweight"]
     slot = sub["ring"][(sub["k"] - 1) % 3]          # the last step's: predicted, true, _, repaired
     assert not slot[3].any() and torch.equal(slot[0], slot[1]) and bool((slot[1] > 0).all())
