@@ -507,15 +507,16 @@ def xrda(params, grads, vs, zs, as_, Ts, *, s: float, alpha: float, beta: float,
         _launch(_xrda_repair_kernel, sub, streams, cur, nxt, stale, 1.0 - gamma_next, s * max_factor, lam, m1,
                 _TINY)
         sub["k"] = k + 1
-    for i, p in enumerate(params):
+    grouped = [i for i, p in enumerate(params) if _grouping(p.shape, mode)[1] > 1]
+    amaxes = torch.zeros(len(grouped), dtype=torch.float32, device=params[0].device) if grouped else None
+    for j, i in enumerate(grouped):
+        p = params[i]
         n = _grouping(p.shape, mode)[1]
-        if n == 1:
-            continue
         rows = p.numel() // n
         cols = triton.next_power_of_2(n)
         nrows = max(1, min(64, BLOCK // cols))
         grid = (triton.cdiv(rows, nrows),)
-        amax = torch.zeros(1, dtype=torch.float32, device=p.device)
+        amax = amaxes[j:j + 1]
         _xrda_group_pass1[grid](p, grads[i], vs[i], zs[i], as_[i], amax, rows, n, w_beta, wd_term, s, alpha,
                                 1.0 - gamma, ALPHA=am, ROWS=nrows, COLS=cols, **common)
         _xrda_group_pass2[grid](p, zs[i], as_[i], Ts[i], amax, rows, n, alpha, s * math.sqrt(n) * max_factor,
