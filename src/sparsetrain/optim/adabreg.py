@@ -70,7 +70,7 @@ class AdaBreg(BregmanOptimizer):
         kw = dict(reg=reg, lr=float(group["lr"]), delta=delta, beta1=group["betas"][0], beta2=group["betas"][1],
                   eps=group["eps"])
         streams = [params, grads, vs, exp_avgs, exp_avg_sqs]
-        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN)
+        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN, self._fused_cache())
                 and fused_cuda.adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw,
                                        cache=self._fused_cache())):
             adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw, foreach=self._use_foreach(group))

@@ -73,18 +73,37 @@ def _tensors_ok(streams) -> bool:
             t = s[i] if len(s) == len(streams[0]) else None
             if not torch.is_tensor(t):
                 continue
-            if t.dtype != torch.float32 or not _dense(t) or (t.device.type != "cuda" and not forced):
+            if t.dtype != torch.float32 or not _dense(t) or not (t.is_cuda or forced):
                 return False
             if t.numel() == p.numel() and not _same_layout(t, p):
                 return False
     return True
 
 
-def applicable(streams, group: dict, known: dict) -> bool:
+def _tensors_ok_cached(streams, cache: dict | None) -> bool:
+    """:func:`_tensors_ok`, remembered per set of addresses (every tensor of every stream): a
+    training loop passes the same memory step after step, and checking ~6 attributes of every
+    tensor each step would cost more host time than the fused step saves."""
+    if cache is None:
+        return _tensors_ok(streams)
+    addrs = tuple(t.data_ptr() if isinstance(t, Tensor) else -1 for s in streams for t in s)
+    key = (_mode(),) + addrs
+    seen = cache.setdefault("checked", {})
+    ok = seen.get(key)
+    if ok is None:
+        if len(seen) > 64:
+            seen.clear()
+        ok = seen[key] = _tensors_ok(streams)
+    cache["addrs"] = (id(streams[0]), addrs)   # reused by the launch that follows on the same lists
+    return ok
+
+
+def applicable(streams, group: dict, known: dict, cache: dict | None = None) -> bool:
     """Whether the fused path implements this step: Triton present, not switched off, float32
     dense tensors on CUDA (any device when forced; ``streams``: the lists of parameters, gradients,
     states), the group's regularizer L1 or none, and every other group key either in ``known``
-    (a predicate on its value) or switched off."""
+    (a predicate on its value) or switched off. ``cache``: the optimizer's, to check the tensors
+    once per set of addresses."""
     if triton is None or _mode() in ("off", "0", "false"):
         return False
     reg = group.get("reg")
@@ -99,7 +118,7 @@ def applicable(streams, group: dict, known: dict) -> bool:
                 return False
         elif value not in (None, False, 0):   # an option no kernel knows: the torch path
             return False
-    return _tensors_ok(streams)
+    return _tensors_ok_cached(streams, cache)
 
 
 #: group keys every optimizer has and no kernel needs to know (LR schedulers add ``initial_lr``)
@@ -115,7 +134,7 @@ class _Tables:
         self.layouts: dict = {}
         self.ptrs: dict = {}
 
-    def get(self, streams: list[list[Tensor]]):
+    def get(self, streams: list[list[Tensor]], addrs: tuple | None = None):
         first = streams[0]
         device = first[0].device
         sizes = tuple(t.numel() for t in first)
@@ -130,7 +149,8 @@ class _Tables:
                    torch.tensor(bo, dtype=torch.int64, device=device),
                    torch.tensor(sizes, dtype=torch.int64, device=device), len(bt))
             self.layouts[(device, sizes)] = lay
-        addrs = tuple(t.data_ptr() for s in streams for t in s)
+        if addrs is None:
+            addrs = tuple(t.data_ptr() for s in streams for t in s)
         table = self.ptrs.get(addrs)
         if table is None:
             if len(self.ptrs) > 16:
@@ -390,7 +410,10 @@ if triton is not None:
 
 
 def _launch(kernel, cache: dict, streams: list[list[Tensor]], *args, **meta):
-    table, (bt, bo, sizes, nblocks) = _tables(cache).get(streams)
+    owner, addrs = cache.pop("addrs", (None, None))     # the addresses applicable() just read, if these
+    if owner != id(streams[0]) or len(addrs) != sum(len(s) for s in streams) or -1 in addrs:
+        addrs = None
+    table, (bt, bo, sizes, nblocks) = _tables(cache).get(streams, addrs)
     kernel[(nblocks,)](table, len(streams[0]), bt, bo, sizes, *args, BLOCK=BLOCK, **meta)
 
 
@@ -452,10 +475,10 @@ XRDA_KNOWN = {key: (lambda x: True) for key in (
     "alpha", "mode", "weight_decay", "penalize")}
 
 
-def xrda_applicable(streams, group: dict) -> bool:
+def xrda_applicable(streams, group: dict, cache: dict | None = None) -> bool:
     """:func:`applicable` for xRDA; grouped modes also need 4-D weights in the default layout (the
     groups are then runs of consecutive entries)."""
-    if not applicable(streams, group, XRDA_KNOWN):
+    if not applicable(streams, group, XRDA_KNOWN, cache):
         return False
     return group["mode"] == "normal" or all(p.dim() < 3 or p.is_contiguous() for p in streams[0])
 

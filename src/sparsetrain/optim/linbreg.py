@@ -68,7 +68,8 @@ class LinBreg(BregmanOptimizer):
         if not params:
             return
         fused = None
-        if fused_cuda.applicable([params, grads, vs, bufs], group, fused_cuda.BREGMAN_KNOWN):
+        if fused_cuda.applicable([params, grads, vs, bufs], group, fused_cuda.BREGMAN_KNOWN,
+                                 self._fused_cache()):
             fused = fused_cuda.linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
                                        momentum=beta, cache=self._fused_cache())
         scales = fused if fused is not None else linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
