@@ -158,3 +158,20 @@ def test_xrda_prediction_hits_in_a_steady_run(device, monkeypatch):
     (sub,) = [v for k, v in opt._fused_cache().items() if isinstance(k, tuple) and k[0] == "reweight"]
     slot = sub["ring"][(sub["k"] - 1) % 3]          # the last step's: predicted, true, _, repaired
     assert not slot[3].any() and torch.equal(slot[0], slot[1]) and bool((slot[1] > 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_xrda_reweighting_switched_off_midway(device, monkeypatch):
+    """Plain ℓ1 after a reweighted phase keeps per-entry thresholds: the torch path takes over."""
+    def make(ps):
+        opt = XRDA(ps, lr=0.5, lam=1e-3)
+        orig, calls = opt.step, []
+
+        def step():
+            calls.append(1)
+            if len(calls) == 3:
+                opt.param_groups[0]["reweight"] = False
+            orig()
+        opt.step = step
+        return opt
+    _check(make, device, monkeypatch, steps=4)

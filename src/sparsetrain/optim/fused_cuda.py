@@ -489,8 +489,9 @@ def _alpha_mode(alpha: float) -> int:
 
 def xrda(params, grads, vs, zs, as_, Ts, *, s: float, alpha: float, beta: float, gamma: float, lam: float,
          max_factor: float, weight_decay: float, reweight: bool, mode: str, penalize: bool,
-         gamma_next: float, cache: dict) -> list:
-    """:func:`sparsetrain.optim.xrda.xrda` on the GPU; returns the new thresholds T.
+         gamma_next: float, cache: dict) -> list | None:
+    """:func:`sparsetrain.optim.xrda.xrda` on the GPU; returns the new thresholds T (None: nothing
+    done, because a plain-ℓ1 step met per-entry thresholds left by an earlier reweighted phase).
 
     Elementwise tensors share one launch (plus the repair launch when reweighted); tensors in a
     grouped mode (kernel/channel, 4-D) take two launches each (group mean, then threshold)."""
@@ -503,6 +504,8 @@ def xrda(params, grads, vs, zs, as_, Ts, *, s: float, alpha: float, beta: float,
     am = _alpha_mode(alpha)
     new_Ts = list(Ts)
     if not reweight:  # uniform thresholds: one launch per distinct λT
+        if any(isinstance(T, Tensor) for T in Ts):
+            return None
         by_thr: dict[float, list[int]] = {}
         for i, (p, T) in enumerate(zip(params, Ts)):
             new_Ts[i] = alpha * T + s * math.sqrt(_grouping(p.shape, mode)[1])

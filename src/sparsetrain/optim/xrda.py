@@ -192,9 +192,10 @@ class XRDA(SparseOptimizer):
             kw = dict(s=s, alpha=alpha, beta=math.exp(-s / group["tau"]), gamma=math.exp(-s / group["tau_b"]),
                       lam=float(group["lam"]), max_factor=float(group["max_factor"]),
                       weight_decay=group["weight_decay"], reweight=reweight, mode=mode, penalize=penalize)
+            Ts = None
             if fused_cuda.xrda_applicable([params, *streams], group, self._fused_cache()):
                 Ts = fused_cuda.xrda(params, *streams, **kw, gamma_next=gamma_next, cache=self._fused_cache())
-            else:
+            if Ts is None:
                 Ts = xrda(params, *streams, **kw, foreach=self._use_foreach(group), hints=hints,
                           gamma_next=gamma_next)
             if penalize:
