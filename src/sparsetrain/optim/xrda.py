@@ -353,7 +353,9 @@ def xrda(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], zs: list, 
     next step) let the native elementwise step run in one pass (see :func:`_xrda_native`)."""
     kw = dict(s=s, alpha=alpha, beta=beta, gamma=gamma, lam=lam, max_factor=max_factor,
               weight_decay=weight_decay, reweight=reweight)
-    fused = [_native_ok(*t) for t in zip(params, grads, vs, zs, as_, Ts)] if penalize else []
+    # plain ℓ1 after a reweighted phase keeps per-entry thresholds T: only the torch ops handle those
+    plain_tensor_T = not reweight and any(torch.is_tensor(T) for T in Ts)
+    fused = [_native_ok(*t) for t in zip(params, grads, vs, zs, as_, Ts)] if penalize and not plain_tensor_T else []
     if not any(fused):
         return _xrda_torch(params, grads, vs, zs, as_, Ts, **kw, mode=mode, penalize=penalize, foreach=foreach)
     rest = [i for i, f in enumerate(fused) if not f]
