@@ -19,20 +19,47 @@ from pathlib import Path
 
 import torch
 
+from sparsetrain.data import make_loaders
 from sparsetrain.trainer import TrainConfig, Trainer
 
 METHODS = "dense,gmp,rigl,xrda,linbreg,adabreg,halo,proxsgd"
 
 
-def epoch_seconds(method: str, precision: str, args) -> tuple[float, float]:
+def epoch_seconds(method: str, precision: str, args, loaders) -> tuple[float, float]:
     """(median training seconds of the epochs after the first, test accuracy)."""
     cfg = TrainConfig(method=method, model=args.model, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
                       batch_size=args.batch_size, device=args.device, precision=precision,
                       train_subset=args.train_subset, test_subset=args.test_subset, progress=False)
-    t = Trainer(cfg)
+    t = Trainer(cfg, loaders)   # the data read once (and kept on the GPU by the first run)
     summary = t.run()
     times = [r["train_seconds"] for r in t.history]
     return statistics.median(times[1:] if len(times) > 1 else times), summary["test_accuracy"]
+
+
+def render(head: str, methods, precisions, results: dict, seconds: float, out: str | None) -> str:
+    """The markdown table of what is measured so far (written to ``out`` too)."""
+    nan = (float("nan"), float("nan"))
+    both = "bf16" in precisions and "fp32" in precisions
+    lines = [head, "", "| method | " + " | ".join(f"{p} s/epoch (× dense {p})" for p in precisions)
+             + (" | bf16 × dense fp32 |" if both else " |"), "|---|" + "---:|" * (len(precisions) + both)]
+    for method in methods:
+        if not any(f"{method}/{p}" in results for p in precisions):
+            continue
+        cells = []
+        for prec in precisions:
+            s, dense = results.get(f"{method}/{prec}", nan)[0], results.get(f"dense/{prec}", nan)[0]
+            cells.append(f"{s:.3f} ({s / dense:.2f}×)")
+        if both:
+            cells.append(f"{results.get(f'{method}/bf16', nan)[0] / results.get('dense/fp32', nan)[0]:.2f}×")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + f"\n\n({seconds:.0f} s)\n"
+    if out:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "epoch_time.md").write_text(text)
+        (path / "epoch_time.json").write_text(json.dumps({k: {"seconds": v[0], "test_accuracy": v[1]}
+                                                          for k, v in results.items()}, indent=1))
+    return text
 
 
 def main(argv=None) -> int:
@@ -56,34 +83,18 @@ def main(argv=None) -> int:
     print(head, flush=True)
     results: dict = {}
     t0 = time.perf_counter()
+    loaders = make_loaders(args.data, args.data_dir, args.batch_size, 0, 0.0, args.train_subset, args.test_subset)
     for method in methods:
         for prec in precisions:
             try:
-                results[f"{method}/{prec}"] = epoch_seconds(method, prec, args)
+                results[f"{method}/{prec}"] = epoch_seconds(method, prec, args, loaders)
             except Exception as e:          # report and go on: one method must not hide the others
                 results[f"{method}/{prec}"] = (float("nan"), float("nan"))
                 print(f"{method} {prec}: failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}", flush=True)
             s, acc = results[f"{method}/{prec}"]
             print(f"  {method:<8} {prec}: {s:.3f} s/epoch, test acc {acc:.4f}", flush=True)
-    lines = [head, "", "| method | " + " | ".join(f"{p} s/epoch (× dense {p})" for p in precisions)
-             + (" | bf16 × dense fp32 |" if "bf16" in precisions and "fp32" in precisions else " |"),
-             "|---|" + "---:|" * (len(precisions) + ("bf16" in precisions and "fp32" in precisions))]
-    for method in methods:
-        cells = []
-        for prec in precisions:
-            s, dense = results[f"{method}/{prec}"][0], results.get(f"dense/{prec}", (float("nan"),))[0]
-            cells.append(f"{s:.3f} ({s / dense:.2f}×)")
-        if "bf16" in precisions and "fp32" in precisions:
-            cells.append(f"{results[f'{method}/bf16'][0] / results['dense/fp32'][0]:.2f}×")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + f"\n\n({time.perf_counter() - t0:.0f} s)\n"
-    print("\n" + text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "epoch_time.md").write_text(text)
-        (out / "epoch_time.json").write_text(json.dumps({k: {"seconds": v[0], "test_accuracy": v[1]}
-                                                         for k, v in results.items()}, indent=1))
+        render(head, methods, precisions, results, time.perf_counter() - t0, args.out)  # partial results land
+    print("\n" + render(head, methods, precisions, results, time.perf_counter() - t0, args.out))
     return 0
 
 

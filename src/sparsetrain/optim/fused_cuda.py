@@ -80,13 +80,24 @@ def _tensors_ok(streams) -> bool:
     return True
 
 
+def _addresses(streams) -> tuple:
+    """data_ptr() of every entry of every stream (−1 for a non-tensor: a float T, a missing z)."""
+    out: list = []
+    for s in streams:
+        try:
+            out += list(map(Tensor.data_ptr, s))   # C-level loop: the common all-tensor stream
+        except TypeError:
+            out += [t.data_ptr() if isinstance(t, Tensor) else -1 for t in s]
+    return tuple(out)
+
+
 def _tensors_ok_cached(streams, cache: dict | None) -> bool:
     """:func:`_tensors_ok`, remembered per set of addresses (every tensor of every stream): a
     training loop passes the same memory step after step, and checking ~6 attributes of every
     tensor each step would cost more host time than the fused step saves."""
     if cache is None:
         return _tensors_ok(streams)
-    addrs = tuple(t.data_ptr() if isinstance(t, Tensor) else -1 for s in streams for t in s)
+    addrs = _addresses(streams)
     key = (_mode(),) + addrs
     seen = cache.setdefault("checked", {})
     ok = seen.get(key)
@@ -150,7 +161,7 @@ class _Tables:
                    torch.tensor(sizes, dtype=torch.int64, device=device), len(bt))
             self.layouts[(device, sizes)] = lay
         if addrs is None:
-            addrs = tuple(t.data_ptr() for s in streams for t in s)
+            addrs = _addresses(streams)
         table = self.ptrs.get(addrs)
         if table is None:
             if len(self.ptrs) > 16:
@@ -496,6 +507,7 @@ def xrda(params, grads, vs, zs, as_, Ts, *, s: float, alpha: float, beta: float,
     Elementwise tensors share one launch (plus the repair launch when reweighted); tensors in a
     grouped mode (kernel/channel, 4-D) take two launches each (group mean, then threshold)."""
     from .xrda import _grouping
+    s, alpha, lam = float(s), float(alpha), float(lam)   # kernel scalars are fp32, never ints
     common = dict(HAS_WD=bool(weight_decay))
     w_beta, wd_term = 1.0 - beta, (1.0 - beta) * weight_decay
     if not penalize:
