@@ -101,6 +101,7 @@ def test_xrda(device, mode, reweight, schedule, monkeypatch):
 def test_channels_last_weights(device, monkeypatch):
     """Conv weights in channels_last (the trainer's layout on a GPU) take the elementwise kernels."""
     _check(lambda ps: XRDA(ps, lr=0.5, lam=1e-3), device, monkeypatch, channels_last=True)
+    _check(lambda ps: XRDA(ps, lr=0.5, lam=1e-3, mode="channel"), device, monkeypatch, channels_last=True)
     _check(lambda ps: LinBreg(ps, lr=0.1, reg=L1(0.05), momentum=0.9), device, monkeypatch, channels_last=True)
 
 

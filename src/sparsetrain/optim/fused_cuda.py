@@ -487,11 +487,12 @@ XRDA_KNOWN = {key: (lambda x: True) for key in (
 
 
 def xrda_applicable(streams, group: dict, cache: dict | None = None) -> bool:
-    """:func:`applicable` for xRDA; grouped modes also need 4-D weights in the default layout (the
-    groups are then runs of consecutive entries)."""
+    """:func:`applicable` for xRDA; kernel mode also needs 4-D weights in the default layout, where
+    each kernel w[o, i] is a run of consecutive entries (an output channel w[o] is one in
+    channels_last too)."""
     if not applicable(streams, group, XRDA_KNOWN, cache):
         return False
-    return group["mode"] == "normal" or all(p.dim() < 3 or p.is_contiguous() for p in streams[0])
+    return group["mode"] != "kernel" or all(p.dim() < 3 or p.is_contiguous() for p in streams[0])
 
 
 def _alpha_mode(alpha: float) -> int:
