@@ -94,18 +94,23 @@ export DRY OUT PY DATA DEVICE
 export -f env_info nm_accuracy     # run by `timeout ... bash -c NAME`
 part env 30 bash -c env_info
 if [ "$DRY" = 1 ]; then
-  part tests 150 "$PY" -m pytest -q -m cuda --maxfail=10 -rs tests/
+  part tests 150 "$PY" -m pytest -q -m cuda --maxfail=10 -rs tests/test_fused_cuda.py tests/test_precision.py \
+    tests/test_nm.py
   part step_time 75 "$PY" benchmarks/step_time.py --device cpu --only lenet --repeats 2 --match ProxSGD
   part inference 45 "$PY" benchmarks/inference.py --gpu-shapes-only --repeats 2
   part nm_accuracy 60 bash -c nm_accuracy
   part epoch_time 140 "$PY" benchmarks/epoch_time.py --device cpu --model lenet300 --data-dir "$DATA" \
     --methods dense,xrda --precisions fp32,bf16 --train-subset 256 --test-subset 64 --out "$OUT"
 else
-  part tests 150 "$PY" -m pytest -q -m cuda --maxfail=10 -rs tests/
+  part tests 150 "$PY" -m pytest -q -m cuda --maxfail=10 -rs tests/test_fused_cuda.py tests/test_precision.py \
+    tests/test_nm.py
   part step_time 75 "$PY" benchmarks/step_time.py --device cuda --repeats 20
   part inference 45 "$PY" benchmarks/inference.py --device cuda --repeats 30
   part nm_accuracy 60 bash -c nm_accuracy
   part epoch_time 140 "$PY" benchmarks/epoch_time.py --device cuda --model resnet18 --data-dir "$DATA" \
     --train-subset 10000 --test-subset 1000 --epochs 2 --out "$OUT"
+  # the same ResNet-18 step times through the torch path, for the before/after on this card
+  part step_time_torch_path 45 env SPARSETRAIN_FUSED=off "$PY" benchmarks/step_time.py --device cuda \
+    --only resnet18 --repeats 10
 fi
 echo "total $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"
