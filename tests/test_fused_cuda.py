@@ -20,17 +20,20 @@ DEVICES = [pytest.param("cpu", marks=INTERPRETED), pytest.param("cuda", marks=[p
     not torch.cuda.is_available(), reason="no CUDA device")])]
 
 
-def _params(device, seed=0, channels_last=False):
+ALIGNED_SHAPES = [(8,), (4, 12), (8, 4, 3, 3), (fused_cuda.BLOCK + 12,)]   # sizes multiples of 4
+
+
+def _params(device, seed=0, channels_last=False, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
-    ps = [torch.randn(s, generator=g).mul_(0.1).to(device) for s in SHAPES]
+    ps = [torch.randn(s, generator=g).mul_(0.1).to(device) for s in shapes]
     if channels_last:
         ps = [p.to(memory_format=torch.channels_last) if p.dim() == 4 else p for p in ps]
     return [p.requires_grad_() for p in ps]
 
 
-def _run(make, device, fused: bool, monkeypatch, steps=3, poke=None, channels_last=False):
+def _run(make, device, fused: bool, monkeypatch, steps=3, poke=None, channels_last=False, shapes=SHAPES):
     monkeypatch.setenv(fused_cuda.ENV, "force" if fused else "off")
-    ps = _params(device, channels_last=channels_last)
+    ps = _params(device, channels_last=channels_last, shapes=shapes)
     opt = make(ps)
     g = torch.Generator().manual_seed(1)
     for k in range(steps):
@@ -95,6 +98,20 @@ def test_xrda(device, mode, reweight, schedule, monkeypatch):
     _check(lambda ps: XRDA(ps, lr=0.5, lam=1e-3, mode=mode, reweight=reweight, schedule=schedule,
                            total_steps=4 if schedule == "cosine" else None, weight_decay=5e-4, max_factor=50),
            device, monkeypatch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", [
+    lambda ps: ProxSGD(ps, lr=0.1, reg=L1(0.3), momentum=0.9, weight_decay=5e-4),
+    lambda ps: LinBreg(ps, lr=0.1, reg=L1(0.05), momentum=0.9),
+    lambda ps: AdaBreg(ps, lr=0.01, reg=L1(0.05)),
+    lambda ps: XRDA(ps, lr=0.5, lam=1e-3, total_steps=4),
+    lambda ps: XRDA(ps, lr=0.5, lam=1e-3, reweight=False),
+], ids=["proxsgd", "linbreg", "adabreg", "xrda", "xrda-plain"])
+def test_aligned_tensors_take_the_vector_path(device, make, monkeypatch):
+    """16-byte aligned tensors whose sizes are multiples of 4 compile with alignment hints."""
+    _check(make, device, monkeypatch, shapes=ALIGNED_SHAPES)
+    assert fused_cuda._HINTS["ok"], "the kernels with alignment hints did not compile"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,3 +193,22 @@ def test_xrda_reweighting_switched_off_midway(device, monkeypatch):
         opt.step = step
         return opt
     _check(make, device, monkeypatch, steps=4)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+def test_kernels_without_hints_when_the_hints_do_not_compile(monkeypatch):
+    """A Triton that rejects the alignment hints: one warning, then the plain kernels, same result."""
+    real = fused_cuda._proxsgd_kernel
+
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta["ALIGNED"]:
+                    raise RuntimeError("CompilationError: multiple_of")
+                return real[grid](*args, **meta)
+            return launch
+    monkeypatch.setattr(fused_cuda, "_proxsgd_kernel", Refuses())
+    monkeypatch.setitem(fused_cuda._HINTS, "ok", True)
+    with pytest.warns(UserWarning, match="without alignment hints"):
+        _check(lambda ps: ProxSGD(ps, lr=0.1, reg=L1(0.3), momentum=0.9), "cpu", monkeypatch, shapes=ALIGNED_SHAPES)
+    assert not fused_cuda._HINTS["ok"]

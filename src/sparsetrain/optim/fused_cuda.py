@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -162,12 +163,13 @@ class _Tables:
             self.layouts[(device, sizes)] = lay
         if addrs is None:
             addrs = _addresses(streams)
-        table = self.ptrs.get(addrs)
-        if table is None:
+        entry = self.ptrs.get(addrs)
+        if entry is None:
             if len(self.ptrs) > 16:
                 self.ptrs.clear()
-            table = self.ptrs[addrs] = torch.tensor(addrs, dtype=torch.int64, device=device)
-        return table, lay
+            aligned = all(a % 16 == 0 for a in addrs) and all(n % 4 == 0 for n in sizes)
+            entry = self.ptrs[addrs] = (torch.tensor(addrs, dtype=torch.int64, device=device), aligned)
+        return entry[0], lay, entry[1]
 
 
 def _tables(cache: dict) -> _Tables:
@@ -176,16 +178,26 @@ def _tables(cache: dict) -> _Tables:
 
 if triton is not None:
     @triton.jit
-    def _locate(blk_t, blk_o, numels, BLOCK: tl.constexpr):
+    def _locate(blk_t, blk_o, numels, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+        """(tensor index, first entry, entries, mask) of this program. ALIGNED: every address is a
+        multiple of 16 bytes and every size of 4 entries -- said to the compiler, which then moves
+        the streams in 16-byte vectors."""
         j = tl.program_id(0)
         t = tl.load(blk_t + j)
         start = tl.load(blk_o + j)
+        n = tl.load(numels + t)
+        if ALIGNED:
+            start = tl.multiple_of(start, BLOCK)
+            n = tl.multiple_of(n, 4)
         offs = start + tl.arange(0, BLOCK)
-        return t, start, offs, offs < tl.load(numels + t)
+        return t, start, offs, offs < n
 
     @triton.jit
-    def _addr(ptrs, row, ntens, t):
-        return tl.load(ptrs + row * ntens + t).to(tl.pointer_type(tl.float32))
+    def _addr(ptrs, row, ntens, t, ALIGNED: tl.constexpr):
+        p = tl.load(ptrs + row * ntens + t).to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+        return p
 
     @triton.jit
     def _shrink(x, thr):
@@ -200,16 +212,16 @@ if triton is not None:
     @triton.jit
     def _proxsgd_kernel(ptrs, ntens, blk_t, blk_o, numels, step, wd, w_mom, thr,
                         HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, HAS_PROX: tl.constexpr,
-                        BLOCK: tl.constexpr):
-        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK)
-        pp = _addr(ptrs, 0, ntens, t)
-        gp = _addr(ptrs, 1, ntens, t)
+                        ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
+        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
+        gp = _addr(ptrs, 1, ntens, t, ALIGNED)
         p = tl.load(pp + offs, mask=mask)
         d = tl.load(gp + offs, mask=mask)
         if HAS_WD:
             d = d + wd * p
         if HAS_MOM:
-            bp = _addr(ptrs, 2, ntens, t)
+            bp = _addr(ptrs, 2, ntens, t, ALIGNED)
             d = _lerp(tl.load(bp + offs, mask=mask), d, w_mom)
             tl.store(bp + offs, d, mask=mask)
         p = p - step * d
@@ -226,17 +238,17 @@ if triton is not None:
 
     @triton.jit
     def _linbreg_kernel(ptrs, ntens, blk_t, blk_o, numels, lr, w_mom, rescale, lam, delta,
-                        MOM: tl.constexpr, HAS_PROX: tl.constexpr, BLOCK: tl.constexpr):
+                        MOM: tl.constexpr, HAS_PROX: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         # MOM: 0 none, 1 buf ← lerp(buf, g, 1−β) (scale unchanged), 2 buf ← buf·βc/lr + (1−β)g
-        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK)
-        pp = _addr(ptrs, 0, ntens, t)
-        g = tl.load(_addr(ptrs, 1, ntens, t) + offs, mask=mask)
-        vp = _addr(ptrs, 2, ntens, t)
+        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
+        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
+        g = tl.load(_addr(ptrs, 1, ntens, t, ALIGNED) + offs, mask=mask)
+        vp = _addr(ptrs, 2, ntens, t, ALIGNED)
         v = tl.load(vp + offs, mask=mask)
         if MOM == 0:
             v = v - lr * g
         else:
-            bp = _addr(ptrs, 3, ntens, t)
+            bp = _addr(ptrs, 3, ntens, t, ALIGNED)
             b = tl.load(bp + offs, mask=mask)
             if MOM == 1:
                 b = _lerp(b, g, w_mom)
@@ -249,13 +261,13 @@ if triton is not None:
 
     @triton.jit
     def _adabreg_kernel(ptrs, ntens, blk_t, blk_o, numels, w1, beta2, w2, step_size, bias2_sqrt, eps,
-                        lam, delta, HAS_PROX: tl.constexpr, BLOCK: tl.constexpr):
-        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK)
-        pp = _addr(ptrs, 0, ntens, t)
-        g = tl.load(_addr(ptrs, 1, ntens, t) + offs, mask=mask)
-        vp = _addr(ptrs, 2, ntens, t)
-        mp = _addr(ptrs, 3, ntens, t)
-        up = _addr(ptrs, 4, ntens, t)
+                        lam, delta, HAS_PROX: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
+        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
+        g = tl.load(_addr(ptrs, 1, ntens, t, ALIGNED) + offs, mask=mask)
+        vp = _addr(ptrs, 2, ntens, t, ALIGNED)
+        mp = _addr(ptrs, 3, ntens, t, ALIGNED)
+        up = _addr(ptrs, 4, ntens, t, ALIGNED)
         m = _lerp(tl.load(mp + offs, mask=mask), g, w1)
         u = tl.load(up + offs, mask=mask) * beta2 + w2 * g * g
         v = tl.load(vp + offs, mask=mask) + step_size * m / (tl.sqrt(u) / bias2_sqrt + eps)
@@ -280,13 +292,13 @@ if triton is not None:
 
     @triton.jit
     def _xrda_free_kernel(ptrs, ntens, blk_t, blk_o, numels, w_beta, wd_term, s,
-                          HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_WD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """Unpenalised tensors: v update, then w ← w − s v."""
-        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK)
-        pp = _addr(ptrs, 0, ntens, t)
-        vp = _addr(ptrs, 2, ntens, t)
+        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
+        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
+        vp = _addr(ptrs, 2, ntens, t, ALIGNED)
         p = tl.load(pp + offs, mask=mask)
-        v = _lerp(tl.load(vp + offs, mask=mask), tl.load(_addr(ptrs, 1, ntens, t) + offs, mask=mask), w_beta)
+        v = _lerp(tl.load(vp + offs, mask=mask), tl.load(_addr(ptrs, 1, ntens, t, ALIGNED) + offs, mask=mask), w_beta)
         if HAS_WD:
             v = v + wd_term * p
         tl.store(vp + offs, v, mask=mask)
@@ -294,14 +306,14 @@ if triton is not None:
 
     @triton.jit
     def _xrda_plain_kernel(ptrs, ntens, blk_t, blk_o, numels, w_beta, wd_term, s, alpha, thr,
-                           HAS_WD: tl.constexpr, ALPHA: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_WD: tl.constexpr, ALPHA: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """A uniform threshold thr = λT: v, z, w = S_thr(z) in one pass."""
-        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK)
-        pp = _addr(ptrs, 0, ntens, t)
-        vp = _addr(ptrs, 2, ntens, t)
-        zp = _addr(ptrs, 3, ntens, t)
+        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
+        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
+        vp = _addr(ptrs, 2, ntens, t, ALIGNED)
+        zp = _addr(ptrs, 3, ntens, t, ALIGNED)
         p = tl.load(pp + offs, mask=mask)
-        v, z = _xrda_vz(p, tl.load(_addr(ptrs, 1, ntens, t) + offs, mask=mask), tl.load(vp + offs, mask=mask),
+        v, z = _xrda_vz(p, tl.load(_addr(ptrs, 1, ntens, t, ALIGNED) + offs, mask=mask), tl.load(vp + offs, mask=mask),
                         tl.load(zp + offs, mask=mask), w_beta, wd_term, s, alpha, HAS_WD, ALPHA)
         tl.store(vp + offs, v, mask=mask)
         tl.store(zp + offs, z, mask=mask)
@@ -322,17 +334,17 @@ if triton is not None:
     @triton.jit
     def _xrda_reweight_kernel(ptrs, ntens, blk_t, blk_o, numels, cur, nxt,
                               w_beta, wd_term, s, alpha, w_gamma, w_gamma_next, coef, lam, m1, tiny,
-                              HAS_WD: tl.constexpr, ALPHA: tl.constexpr, BLOCK: tl.constexpr):
+                              HAS_WD: tl.constexpr, ALPHA: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """Elementwise reweighted xRDA in one pass with the predicted max(a_k); records the true
         max(a_k) (``cur`` row 1) and the prediction for the next step (``nxt`` row 0)."""
-        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK)
-        pp = _addr(ptrs, 0, ntens, t)
-        vp = _addr(ptrs, 2, ntens, t)
-        zp = _addr(ptrs, 3, ntens, t)
-        ap = _addr(ptrs, 4, ntens, t)
-        Tp = _addr(ptrs, 5, ntens, t)
+        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
+        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
+        vp = _addr(ptrs, 2, ntens, t, ALIGNED)
+        zp = _addr(ptrs, 3, ntens, t, ALIGNED)
+        ap = _addr(ptrs, 4, ntens, t, ALIGNED)
+        Tp = _addr(ptrs, 5, ntens, t, ALIGNED)
         p = tl.load(pp + offs, mask=mask)
-        v, z = _xrda_vz(p, tl.load(_addr(ptrs, 1, ntens, t) + offs, mask=mask), tl.load(vp + offs, mask=mask),
+        v, z = _xrda_vz(p, tl.load(_addr(ptrs, 1, ntens, t, ALIGNED) + offs, mask=mask), tl.load(vp + offs, mask=mask),
                         tl.load(zp + offs, mask=mask), w_beta, wd_term, s, alpha, HAS_WD, ALPHA)
         a = _lerp(tl.load(ap + offs, mask=mask), tl.abs(p), w_gamma)
         tl.atomic_max(cur + ntens + t, tl.max(tl.where(mask, a, 0.0), axis=0))
@@ -353,21 +365,21 @@ if triton is not None:
 
     @triton.jit
     def _xrda_repair_kernel(ptrs, ntens, blk_t, blk_o, numels, cur, nxt, stale, w_gamma_next, coef, lam, m1, tiny,
-                            BLOCK: tl.constexpr):
+                            ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """Where the prediction missed (true max(a_k) ≠ the one used): swap ε in T, redo w, and
         predict the next step's max(a) from the repaired w (``nxt`` rows 2, 3). Also clears
         ``stale``, the ring slot the next step writes its prediction into."""
-        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK)
+        t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
         if start == 0:
             for row in tl.static_range(4):
                 tl.store(stale + row * ntens + t, 0.0)
         used = _predicted(cur, ntens, t)
         true = tl.load(cur + ntens + t)
         if used != true:
-            pp = _addr(ptrs, 0, ntens, t)
-            zp = _addr(ptrs, 3, ntens, t)
-            ap = _addr(ptrs, 4, ntens, t)
-            Tp = _addr(ptrs, 5, ntens, t)
+            pp = _addr(ptrs, 0, ntens, t, ALIGNED)
+            zp = _addr(ptrs, 3, ntens, t, ALIGNED)
+            ap = _addr(ptrs, 4, ntens, t, ALIGNED)
+            Tp = _addr(ptrs, 5, ntens, t, ALIGNED)
             a = tl.load(ap + offs, mask=mask)
             e_used = _eps(used, m1, tiny)
             e_true = _eps(true, m1, tiny)
@@ -420,12 +432,25 @@ if triton is not None:
         tl.store(p_ptr + offs, tl.where(z < 0, -w, w), mask=mask)
 
 
+#: whether the alignment hints compile here (a Triton that refuses them: off, with a warning)
+_HINTS = {"ok": os.environ.get("SPARSETRAIN_FUSED_HINTS", "1") != "0"}
+
+
 def _launch(kernel, cache: dict, streams: list[list[Tensor]], *args, **meta):
     owner, addrs = cache.pop("addrs", (None, None))     # the addresses applicable() just read, if these
     if owner != id(streams[0]) or len(addrs) != sum(len(s) for s in streams) or -1 in addrs:
         addrs = None
-    table, (bt, bo, sizes, nblocks) = _tables(cache).get(streams, addrs)
-    kernel[(nblocks,)](table, len(streams[0]), bt, bo, sizes, *args, BLOCK=BLOCK, **meta)
+    table, (bt, bo, sizes, nblocks), aligned = _tables(cache).get(streams, addrs)
+    args = (table, len(streams[0]), bt, bo, sizes, *args)
+    if aligned and _HINTS["ok"]:
+        try:
+            kernel[(nblocks,)](*args, ALIGNED=True, BLOCK=BLOCK, **meta)
+            return
+        except Exception as e:   # a compile error: nothing ran; the kernels without the hints
+            _HINTS["ok"] = False
+            warnings.warn(f"sparsetrain: fused steps without alignment hints ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})")
+    kernel[(nblocks,)](*args, ALIGNED=False, BLOCK=BLOCK, **meta)
 
 
 def _prox_settings(reg, delta_or_t: float = 1.0) -> tuple[bool, float]:
