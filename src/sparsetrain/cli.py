@@ -74,6 +74,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=float, default=0.1, help="step/plateau schedule: lr factor (default 0.1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--pattern", default=None, metavar="N:M",
+                   help="N:M structured sparsity (2:4 runs faster on NVIDIA GPUs): pruning methods prune in "
+                        "blocks of M along the input dimension, the others end with the exact N:M projection")
+    g.add_argument("--precision", default="fp32",
+                   help="fp32 | bf16 | fp16: autocast dtype of the forward pass (fp16 with a gradient scaler; "
+                        "weights and optimizer state stay fp32)")
     g.add_argument("--out", default=None, help="run directory (config, metrics, checkpoint, summary)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--val-fraction", type=float, default=0.0, help="seeded validation split of the training set")

@@ -15,12 +15,14 @@ Reproducibility: the model is initialised from ``seed``; epoch e's batch order i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from . import metrics
+from . import metrics, nm
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
@@ -41,6 +43,11 @@ from . import distributed as dist
 from .liveness import DeadNetworkError, LivenessCheck
 
 SCHEDULES = ("cosine", "step", "plateau", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: autocast dtype of each --precision (parameters and optimizer state stay fp32)
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the training set is kept on the GPU when it takes at most this fraction of the free memory
+GPU_DATA_FRACTION = 0.25
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -65,6 +72,8 @@ class TrainConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     progress: bool = True
+    precision: str = "fp32"
+    pattern: str | None = None            # N:M structured sparsity, e.g. "2:4"
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, custom_data: bool = False) -> "TrainConfig":
@@ -86,6 +95,8 @@ class TrainConfig:
             v = getattr(self, name)
             check(v is None or v > 0, "--" + name.replace("_", "-"), "an integer > 0", v)
         choice(self.device if not self.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda", "mps"))
+        choice(self.precision, "--precision", PRECISIONS)
+        nm.parse_pattern(self.pattern)
         self.options = method.resolve(self.options, self.model)
         return self
 
@@ -128,15 +139,52 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
 
 
+def autocast(device: torch.device, precision: str):
+    """The forward pass's autocast context of ``--precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST[precision])
+
+
+def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Conv nets on a GPU run in channels_last (NHWC), the layout cuDNN's fast kernels use."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def to_input(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def keep_on_gpu(loaders: Loaders, device: torch.device) -> bool:
+    """Move the loaders' tensors to the GPU when they fit (≤ GPU_DATA_FRACTION of the free
+    memory; augmented loaders stay on the CPU): batches are then indexed on the device and
+    nothing is copied per step. Returns whether they were moved."""
+    if device.type != "cuda":
+        return False
+    parts = [ld for ld in (loaders.train, loaders.val, loaders.test) if ld is not None]
+    if any(getattr(ld, "augment", False) or not hasattr(ld, "x") for ld in parts):
+        return False
+    size = sum(ld.x.numel() * ld.x.element_size() + ld.y.numel() * ld.y.element_size() for ld in parts)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > GPU_DATA_FRACTION * free:
+        return False
+    for ld in parts:
+        ld.x, ld.y = ld.x.to(device), ld.y.to(device)
+    return True
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device, precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy, accuracy in [0, 1]) over ``loader``."""
     was = model.training
     model.eval()
     loss = correct = n = 0
+    channels_last = uses_channels_last(model, device)
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
+        x, y = to_input(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = model(x).float()
         loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         n += len(y)
@@ -179,6 +227,14 @@ class Trainer:
         check_input(self.model, self.in_shape, info.num_classes, self.device,
                     "--model" if model is None else "model", cfg.model if model is None else type(model).__name__,
                     info.name)
+        self.channels_last = uses_channels_last(self.model, self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data_on_gpu = keep_on_gpu(self.loaders, self.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise UsageError(f"--precision: fp16 needs a CUDA device (this run is on {self.device.type}); "
+                             f"allowed here: fp32, bf16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         ctx = BuildContext(cfg, cfg.options, len(self.loaders.train), self.device, self.in_shape)
         self.strategy: Strategy = get_method(cfg.method).build(self.model, ctx)
         self.net = dist.wrap(self.model, self.device)     # DDP in a multi-process run
@@ -275,7 +331,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def evaluate(self, loader: TensorLoader | None = None) -> tuple[float, float]:
-        return evaluate(self.model, loader or self.loaders.test, self.device)
+        return evaluate(self.model, loader or self.loaders.test, self.device, self.cfg.precision)
 
     def train_epoch(self, epoch: int) -> float:
         model, strat, opt = self.net, self.strategy, self.strategy.optimizer
@@ -291,18 +347,20 @@ class Trainer:
         bar = _progress(self.loaders.train, len(self.loaders.train), f"epoch {epoch + 1}/{self.epochs}",
                         self.cfg.progress and self.is_main)
         for x, y in bar:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = to_input(x, self.device, self.channels_last), y.to(self.device, non_blocking=True)
             count = len(y)
+            with autocast(self.device, self.cfg.precision):
+                out = model(x).float()
             if multi:
                 # this rank's share of the global batch's mean loss: DDP averages gradients over
                 # ranks, which then gives the single-process step even for unequal shards
-                ce = F.cross_entropy(model(x), y, reduction="sum")
+                ce = F.cross_entropy(out, y, reduction="sum")
                 stats = dist.all_reduce_sum(torch.stack([ce.detach().double(), ce.new_tensor(count, dtype=torch.float64)]))
                 count = int(stats[1].item())
                 loss = ce * (self.world_size / count)
                 ce_value = (stats[0] / stats[1]).item()        # the global batch's loss, on every rank
             else:
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(out, y)
             extra = strat.penalty()
             full = loss if extra is None else loss + extra
             value = full.item() if not multi else ce_value + (0.0 if extra is None else extra.item())
@@ -312,7 +370,9 @@ class Trainer:
                 err.quiet = not self.is_main          # every rank stops here; rank 0 reports it
                 raise err
             opt.zero_grad(set_to_none=True)
-            full.backward()
+            self.scaler.scale(full).backward()
+            if self.scaler.is_enabled():            # fp16: true gradients for the strategy and the step
+                self.scaler.unscale_(opt)
             dist.average_gradients(outside_ddp)
             try:
                 self.liveness.observe(self.step)
@@ -320,7 +380,8 @@ class Trainer:
                 e.quiet = not self.is_main            # every rank stops here; rank 0 reports it
                 raise
             strat.after_backward(self.step)
-            opt.step()
+            self.scaler.step(opt)                   # fp16: skipped on inf/NaN gradients
+            self.scaler.update()
             strat.after_step(self.step)
             if per_step_schedule:
                 self.scheduler.step()
@@ -343,6 +404,9 @@ class Trainer:
             t0 = time.perf_counter()
             lr = self.strategy.optimizer.param_groups[0]["lr"]
             train_loss = self.train_epoch(epoch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_seconds = time.perf_counter() - t0
             dist.broadcast_buffers(self.model)   # e.g. BatchNorm statistics: rank 0's, as DDP does
             self.strategy.end_epoch(epoch, self)
             test_loss, test_acc = self.evaluate()
@@ -353,7 +417,8 @@ class Trainer:
             self.wall += seconds
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "test_loss": test_loss,
                    "test_accuracy": test_acc, "sparsity": metrics.sparsity(self.model),
-                   "density": metrics.density(self.model), "seconds": round(seconds, 3), **self.strategy.log()}
+                   "density": metrics.density(self.model), "seconds": round(seconds, 3),
+                   "train_seconds": round(train_seconds, 3), **self.strategy.log()}
             if self.loaders.val is not None:
                 row["val_accuracy"] = self.evaluate(self.loaders.val)[1]
             self.history.append(row)
@@ -379,10 +444,15 @@ class Trainer:
 
     def finish(self) -> dict:
         extras = self.strategy.finish(self)
+        pattern = nm.parse_pattern(self.cfg.pattern)
+        if pattern is not None:   # the exact N:M projection (a no-op for masks pruned in N:M blocks)
+            before = self.evaluate()[1]
+            extras = {**extras, **nm.project_(self.model, *pattern), "accuracy_before_pattern": before}
         test_loss, test_acc = self.evaluate()
         summary = {"method": self.cfg.method, "model": self.cfg.model, "data": self.cfg.data,
                    "epochs": self.epochs, "test_accuracy": test_acc, "test_loss": test_loss,
                    **metrics.summary(self.model, self.in_shape), "wall_seconds": round(self.wall, 2),
+                   "epoch_seconds": _epoch_seconds(self.history), "precision": self.cfg.precision,
                    "options": self.cfg.options, **extras}
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "summary.json", lambda: write_json(
@@ -399,6 +469,14 @@ class Trainer:
             print(f"epoch {row['epoch']:>3}/{self.epochs}  loss {row['train_loss']:.4f}  "
                   f"test acc {row['test_accuracy']:.4f}  sparsity {row['sparsity']:.4f}  "
                   f"({row['seconds']:.1f}s)", flush=True)
+
+
+def _epoch_seconds(history: list[dict]) -> float | None:
+    """Median training time of an epoch (without evaluation; the first epoch, which includes
+    kernel compilation and autotuning, only when it is the only one)."""
+    times = [r["train_seconds"] for r in history if "train_seconds" in r]
+    times = times[1:] if len(times) > 1 else times
+    return round(statistics.median(times), 3) if times else None
 
 
 def _to_device(obj, device: torch.device):

@@ -15,6 +15,11 @@ shrunk      all-zero neurons / filters removed, their constant outputs folded in
 sparse      the shrunk network with each Linear / Conv2d that runs faster as a ``torch.sparse``
             CSR product replaced by SparseLinear / SparseConv2d (sparse_modules.py), chosen per
             layer by timing both for a batch size at export time (or again at load time)
+semi-       the dense state (compressed coding) of a model whose Linear weights are 2:4 sparse
+structured  (``--pattern 2:4``); loading swaps each 2:4 Linear weight for
+            ``torch.sparse.to_sparse_semi_structured`` on a CUDA device in fp16/bf16 (NVIDIA's
+            sparse tensor cores) and keeps it dense elsewhere (semi_structured.py); the model's
+            ``semi_structured`` attribute lists what was swapped and why not
 ==========  =====================================================================================
 
 Python::
@@ -44,13 +49,15 @@ from ..errors import UsageError, check, choice
 from . import codec
 from .arch import BiasMap, Residual, canonical, from_spec, register_converter, to_spec
 from .shrink import shrink
+from .semi_structured import semi_structured_layers, to_semi_structured
 from .sparse_modules import SparseConv2d, SparseLinear, densify, sparsify
 
-FORMATS = ("dense", "compressed", "shrunk", "sparse")
+FORMATS = ("dense", "compressed", "shrunk", "sparse", "semi-structured")
 
 __all__ = ["FORMATS", "export_model", "load_export", "export_info", "load_run", "export_run",
            "inspect_exports", "magnitude_prune", "shrink", "sparsify", "densify", "canonical", "to_spec",
            "from_spec", "register_converter", "SparseLinear", "SparseConv2d", "Residual", "BiasMap",
+           "to_semi_structured",
            "configure_parser", "run_cli"]
 
 
@@ -151,8 +158,10 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, mode
     meta = {"sparsetrain_format": format, "model": model_name or "",
             "in_shape": list(in_shape) if in_shape is not None else None, "num_classes": num_classes}
     extra = _weight_stats(m)
-    if format in ("dense", "compressed"):
+    if format in ("dense", "compressed", "semi-structured"):
         state = m.state_dict()
+        if format == "semi-structured":
+            extra["semi_structured_layers"] = semi_structured_layers(m)
         if type(m) is nn.Sequential:          # lets load_export rebuild it without its class or name
             try:
                 meta["architecture"] = to_spec(m)
@@ -169,7 +178,7 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, mode
             extra["sparse_layers"] = layers
         state = seq.state_dict()
     meta["extra"] = extra
-    return codec.write_file(path, state, meta, compress=format in ("compressed", "sparse"))
+    return codec.write_file(path, state, meta, compress=format in ("compressed", "sparse", "semi-structured"))
 
 
 def export_info(path: str | os.PathLike) -> dict:
@@ -193,6 +202,21 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batc
                 measure: bool = True) -> nn.Module:
     """Load an export written by :func:`export_model` (or ``sparsetrain export``), in eval mode.
 
+    semi-structured: loaded like dense, then every 2:4 Linear weight is swapped for its
+    semi-structured form where the GPU kernels run (see :func:`to_semi_structured`; on a CPU the
+    model stays dense). The model's ``semi_structured`` attribute holds the per-layer report; to
+    run it on a GPU, load, move it (``.cuda().half()``) and call ``to_semi_structured(model)``.
+    """
+    model = _load_export(path, model, batch_size=batch_size, measure=measure)
+    if codec.read_file(path)[0]["sparsetrain_format"] == "semi-structured":
+        model.semi_structured = to_semi_structured(model)
+    return model
+
+
+def _load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batch_size: int | None = None,
+                 measure: bool = True) -> nn.Module:
+    """The loader of every format (see :func:`load_export`).
+
     dense / compressed: into ``model`` if given, else into a fresh ``build_model(meta.model, ...)``,
     else (a Sequential exported without a library name) rebuilt from the stored architecture.
     shrunk / sparse: an ``nn.Sequential`` rebuilt from the file's architecture (``model`` ignored).
@@ -202,7 +226,7 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batc
     meta, state = codec.read_file(path)
     fmt = meta["sparsetrain_format"]
     choice(fmt, f"export {path}: sparsetrain_format", FORMATS)
-    if fmt in ("dense", "compressed"):
+    if fmt in ("dense", "compressed", "semi-structured"):
         from ..models import MODELS, build_model
         name = meta.get("model") or ""
         if model is None and name in MODELS:

@@ -80,6 +80,10 @@ class SparseOptimizer(Optimizer):
     def _use_foreach(group: dict) -> bool:
         return group.get("foreach") is not False
 
+    def _fused_cache(self) -> dict:
+        """Device tables of the fused GPU steps (:mod:`.fused_cuda`); not part of the state."""
+        return self.__dict__.setdefault("_fused", {})
+
     # ---------------------------------------------------------------- λ controller
     def is_regularized(self, group: dict) -> bool:
         """Whether ``group`` is penalised (its λ is reported by ``get_lam``/set by ``set_lam``)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import fused_cuda
 from ._base import BregmanOptimizer, bregman_prox_, check_number
 
 __all__ = ["AdaBreg", "adabreg"]
@@ -64,10 +65,15 @@ class AdaBreg(BregmanOptimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        if params:
-            adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, reg=reg,
-                    lr=float(group["lr"]), delta=delta, beta1=group["betas"][0],
-                    beta2=group["betas"][1], eps=group["eps"], foreach=self._use_foreach(group))
+        if not params:
+            return
+        kw = dict(reg=reg, lr=float(group["lr"]), delta=delta, beta1=group["betas"][0], beta2=group["betas"][1],
+                  eps=group["eps"])
+        streams = [params, grads, vs, exp_avgs, exp_avg_sqs]
+        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN, self._fused_cache())
+                and fused_cuda.adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw,
+                                       cache=self._fused_cache())):
+            adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw, foreach=self._use_foreach(group))
 
 
 def adabreg(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], exp_avgs: list[Tensor],

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import fused_cuda
 from ._base import BregmanOptimizer, bregman_prox_, check_number
 
 __all__ = ["LinBreg", "linbreg"]
@@ -66,7 +67,12 @@ class LinBreg(BregmanOptimizer):
                 states.append(state)
         if not params:
             return
-        scales = linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
+        fused = None
+        if fused_cuda.applicable([params, grads, vs, bufs], group, fused_cuda.BREGMAN_KNOWN,
+                                 self._fused_cache()):
+            fused = fused_cuda.linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
+                                       momentum=beta, cache=self._fused_cache())
+        scales = fused if fused is not None else linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
                          momentum=beta, foreach=self._use_foreach(group))
         for state, c in zip(states, scales):
             state["momentum_scale"] = c

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..regularizers import is_null
+from . import fused_cuda
 from ._base import SparseOptimizer, check_number
 
 __all__ = ["ProxSGD", "proxsgd"]
@@ -55,7 +56,11 @@ class ProxSGD(SparseOptimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
-        if params:
+        if params and fused_cuda.applicable([params, grads, bufs], group, fused_cuda.PROXSGD_KNOWN,
+                                                self._fused_cache()):
+            fused_cuda.proxsgd(params, grads, bufs, reg=group.get("reg"), lr=float(group["lr"]), momentum=mu,
+                               weight_decay=group["weight_decay"], cache=self._fused_cache())
+        elif params:
             proxsgd(params, grads, bufs, reg=group.get("reg"), lr=float(group["lr"]), momentum=mu,
                     weight_decay=group["weight_decay"], foreach=self._use_foreach(group))
 
