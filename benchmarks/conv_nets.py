@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (autocast on a GPU)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="results/conv_nets")
     args = ap.parse_args()
@@ -52,7 +53,7 @@ def main() -> None:
         p["epochs"] = args.epochs
     models = args.models.split(",") if args.models else p["models"]
     lines = [f"preset {args.preset}: {p['epochs']} epochs, batch {p['batch_size']}, train subset "
-             f"{p['train_subset'] or 'all'}, {args.seeds} seed(s), device {args.device}"
+             f"{p['train_subset'] or 'all'}, {args.seeds} seed(s), device {args.device}, {args.precision}"
              + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
              "", "| model | method | target (%) | test accuracy (%) | Δ vs GMP | sparsity (%) | wall s / run | flag |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -61,7 +62,7 @@ def main() -> None:
         res = compare(args.methods, list(p["sparsities"]), model=model, epochs=p["epochs"], seeds=args.seeds,
                       out=Path(args.out) / model, batch_size=p["batch_size"], data_dir=args.data_dir,
                       device=args.device, train_subset=p["train_subset"], test_subset=p["test_subset"],
-                      plots=False, log=print)
+                      precision=args.precision, plots=False, log=print)
         cells = [c for c in res["aggregates"] if not c["reference"]]
         gmp = {c["target"]: c["test_accuracy_mean"] for c in cells if c["method"] == "gmp"}
         for c in cells:
