@@ -36,6 +36,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import native
+from . import ops
 
 DENSITY_THRESHOLD = 0.1
 CONV_DENSITY_LIMIT = 0.1          # denser convs are not even timed: im2col alone costs more than MKL-DNN
@@ -61,6 +62,14 @@ KERNELS = ("addmm", "spmm_sum", "native")
 def available_kernels() -> tuple[str, ...]:
     """The kernels worth timing here: ``native`` needs :mod:`sparsetrain.native`'s compiled library."""
     return KERNELS if native.lib() is not None else KERNELS[:2]
+
+
+def _graph_capture() -> bool:
+    """True while torch.jit.trace, torch.compile or torch.export records the forward."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(torch.jit.is_tracing()
+                or (compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+                or (compiler is not None and getattr(compiler, "is_exporting", lambda: False)()))
 
 
 class _SparseBase(nn.Module):
@@ -95,12 +104,6 @@ class _SparseBase(nn.Module):
     def weight_csr(self) -> torch.Tensor:
         return self._cached()["csr32"]
 
-    def _csr64(self) -> torch.Tensor:
-        c = self._cached()
-        if "csr64" not in c:
-            c["csr64"] = _csr(self.crow.long(), self.col.long(), self.values, self._shape2d)
-        return c["csr64"]
-
     @property
     def nnz(self) -> int:
         return self.values.numel()
@@ -110,22 +113,12 @@ class _SparseBase(nn.Module):
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``W @ x (+ bias)`` for one vector ``x``."""
-        w = self.weight_csr()
-        return torch.mv(w, x) if self.bias is None else torch.addmv(self.bias, w, x)
+        return self._matmul_t(x.unsqueeze(1))[:, 0]
 
     def _matmul_t(self, xt: torch.Tensor) -> torch.Tensor:
-        """``W @ xt (+ bias)``: (out, N) from ``xt`` (in, N)."""
-        if xt.shape[1] == 1:
-            return self._matvec(xt[:, 0]).unsqueeze(1)
-        if self.kernel == "native" and native.usable(self.crow, self.col, self.values, xt, self.bias):
-            return native.csr_matmul_t(self.crow, self.col, self.values, xt, self.bias)
-        if self.kernel == "spmm_sum":
-            y = torch.sparse.mm(self._csr64(), xt, "sum")
-            return y if self.bias is None else y.add_(self.bias.unsqueeze(1))
-        w = self.weight_csr()
-        if self.bias is None:
-            return torch.sparse.mm(w, xt)
-        return torch.addmm(self.bias.unsqueeze(1), w, xt)
+        """``W @ xt (+ bias)``: (out, N) from ``xt`` (in, N), through the registered operator
+        ``torch.ops.sparsetrain.csr_matmul_t`` (ops.py), which graph tools see and trace."""
+        return ops.csr_matmul_t(self.crow, self.col, self.values, xt, self.bias, self.kernel)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
@@ -163,9 +156,7 @@ class SparseLinear(_SparseBase):
         if torch.is_grad_enabled():                 # inference only: no autograd through CSR
             with torch.no_grad():
                 return self.forward(x)
-        if x.dim() == 2:
-            if x.shape[0] == 1:
-                return self._matvec(x[0]).unsqueeze(0)
+        if x.dim() == 2:          # one sample is one column: the op takes its matrix-vector path
             return self._matmul_t(x.t().contiguous()).t()
         lead = x.shape[:-1]
         y = self._matmul_t(x.reshape(-1, self.in_features).t().contiguous()).t()
@@ -209,6 +200,12 @@ class SparseConv2d(_SparseBase):
         kh, kw = self.kernel_size
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if _graph_capture():
+            # a graph must not unroll the per-sample loop below over the example's batch size:
+            # one im2col of the whole batch, (C·k·k, B·H·W), one product
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            y = self._matmul_t(cols.transpose(0, 1).reshape(cols.shape[1], -1))
+            return y.reshape(self.out_channels, b, ho * wo).transpose(0, 1).reshape(b, self.out_channels, ho, wo)
         # one sample at a time: its im2col matrix (C·k·k, H·W) is already the right layout and
         # stays in cache, where a whole-batch one needs a transpose copy of B× the size
         out = x.new_empty(b, self.out_channels, ho * wo)
