@@ -48,7 +48,7 @@ from .sparse_modules import SparseConv2d, SparseLinear, densify, sparsify
 
 FORMATS = ("dense", "compressed", "shrunk", "sparse")
 
-__all__ = ["FORMATS", "export_model", "load_export", "export_info", "load_run", "export_run",
+__all__ = ["FORMATS", "describe", "export_model", "load_export", "export_info", "load_run", "export_run",
            "inspect_exports", "magnitude_prune", "shrink", "sparsify", "densify", "canonical", "to_spec",
            "from_spec", "register_converter", "SparseLinear", "SparseConv2d", "Residual", "BiasMap",
            "configure_parser", "run_cli"]
@@ -153,11 +153,10 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, mode
     extra = _weight_stats(m)
     if format in ("dense", "compressed"):
         state = m.state_dict()
-        if type(m) is nn.Sequential:          # lets load_export rebuild it without its class or name
-            try:
-                meta["architecture"] = to_spec(m)
-            except UsageError:
-                pass
+        try:                                   # lets load_export rebuild it without its class or name
+            meta["architecture"] = describe(m)
+        except UsageError as e:
+            extra["architecture"] = f"not stored: {e}"
     else:
         seq, report = shrink(m, in_shape)
         meta["architecture"] = to_spec(seq)
@@ -170,6 +169,23 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, mode
         state = seq.state_dict()
     meta["extra"] = extra
     return codec.write_file(path, state, meta, compress=format in ("compressed", "sparse"))
+
+
+def describe(model: nn.Module) -> dict:
+    """The JSON architecture of ``model`` whose rebuilt module loads ``model``'s state dict: a plain
+    ``nn.Sequential`` of known modules as such, any other model as its torch.fx graph (graph.py).
+    A UsageError says why a model cannot be described."""
+    from .graph import same_state_keys, trace
+    if type(model) is nn.Sequential:
+        try:
+            return to_spec(model)
+        except UsageError:
+            pass
+    gm = trace(model)
+    if not same_state_keys(gm, model):
+        raise UsageError(f"model: {type(model).__name__} has parameters or buffers its forward never uses; "
+                         f"its graph would not load its state dict")
+    return to_spec(gm)
 
 
 def export_info(path: str | os.PathLike) -> dict:
