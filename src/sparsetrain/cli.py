@@ -228,6 +228,10 @@ def cmd_train(args) -> int:
 def cmd_inspect(args) -> int:
     from .metrics import format_table
     run = Path(args.run_dir)
+    if run.is_file():                                   # an export file written by `sparsetrain export`
+        from .export import print_export_info
+        print_export_info(run)
+        return 0
     path = run / "summary.json"
     if not path.is_file():
         raise UsageError(f"inspect: {run} has no summary.json (allowed: a finished run directory written by train)")
@@ -262,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_train_arguments(sp)
             sp.set_defaults(func=cmd_train)
         elif name == "inspect":
-            sp.add_argument("run_dir", help="a run directory written by `sparsetrain train`")
+            sp.add_argument("run_dir", help="a run directory written by `sparsetrain train`, or an export file")
             sp.set_defaults(func=cmd_inspect)
         else:
             try:

@@ -48,7 +48,7 @@ from .sparse_modules import SparseConv2d, SparseLinear, densify, sparsify
 
 FORMATS = ("dense", "compressed", "shrunk", "sparse")
 
-__all__ = ["FORMATS", "describe", "export_model", "load_export", "export_info", "load_run", "export_run",
+__all__ = ["FORMATS", "describe", "export_model", "load_export", "export_info", "print_export_info", "load_run", "export_run",
            "inspect_exports", "magnitude_prune", "shrink", "sparsify", "densify", "canonical", "to_spec",
            "from_spec", "register_converter", "SparseLinear", "SparseConv2d", "Residual", "BiasMap",
            "configure_parser", "run_cli"]
@@ -195,6 +195,24 @@ def export_info(path: str | os.PathLike) -> dict:
     return meta
 
 
+def print_export_info(path: str | os.PathLike, file=None) -> dict:
+    """``sparsetrain inspect FILE``: what an export holds (format, model, weights, per-layer choices)."""
+    out = file or sys.stdout
+    meta = export_info(path)
+    extra = meta.get("extra") or {}
+    arch = meta.get("architecture") or {}
+    print(f"{path}: {meta.get('sparsetrain_format')} export, {_fmt_bytes(meta['file_bytes'])}, model "
+          f"{meta.get('model') or '-'} ({'architecture: ' + arch['type'] if arch else 'no architecture: load with model='}), "
+          f"in_shape {meta.get('in_shape')}, num_classes {meta.get('num_classes')}", file=out)
+    if "weights" in extra:
+        print(f"weights {extra['weights']:,}, nonzeros {extra['nonzeros']:,}, density {extra['density']:.4f}", file=out)
+    for row in extra.get("shrink") or []:
+        print(f"  {row['layer']:<24} units {row['units']:>6} -> {row['kept']:>6}", file=out)
+    for name, how in (meta.get("layers") or {}).items():
+        print(f"  {name:<24} {how}", file=out)
+    return meta
+
+
 def _load_into(model: nn.Module, state: dict, where: str) -> nn.Module:
     try:
         model.load_state_dict(state)
@@ -251,8 +269,12 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batc
 
 
 # ----------------------------------------------------------------------------- run directories
-def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """The trained model of a run directory (eval mode) and {model, data, in_shape, num_classes}."""
+def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """The trained model of a run directory (eval mode) and {model, data, in_shape, num_classes}.
+
+    A run of a user model (``train(model=MyNet())``) is rebuilt as :mod:`sparsetrain.usermodel`
+    describes: into ``model`` if given, else its class if imported, else its recorded architecture."""
+    from .. import usermodel
     from ..checkpoint import load_checkpoint
     from ..data import dataset_info
     from ..models import build_model
@@ -268,14 +290,19 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
         name, data = cfg["model"], cfg["data"]
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"RUN_DIR: {cfg_path} is not a sparsetrain config ({e}); {allowed}") from None
-    info = dataset_info(data)
-    model = build_model(name, info.in_shape, info.num_classes)
+    entry = usermodel.read(run)
+    if entry is not None:
+        in_shape, num_classes = tuple(entry["in_shape"]), int(entry["num_classes"])
+        model = usermodel.rebuild(run, entry, model)
+    else:
+        info = dataset_info(data)
+        in_shape, num_classes = tuple(info.in_shape), info.num_classes
+        model = model if model is not None else build_model(name, in_shape, num_classes)
     ck = load_checkpoint(run / "checkpoint.pt")
     if not isinstance(ck.get("model"), dict):
         raise UsageError(f"checkpoint {run / 'checkpoint.pt'}: has no 'model' state dict")
     _load_into(model, _bake_state(ck["model"]), f"checkpoint {run / 'checkpoint.pt'}")
-    return model.eval(), {"model": name, "data": data, "in_shape": list(info.in_shape),
-                          "num_classes": info.num_classes}
+    return model.eval(), {"model": name, "data": data, "in_shape": list(in_shape), "num_classes": num_classes}
 
 
 def _probe_shape(model: nn.Module, in_shape) -> tuple:
@@ -302,10 +329,12 @@ def load_source(path: str | os.PathLike) -> tuple[nn.Module, dict]:
                    "in_shape": meta.get("in_shape"), "num_classes": meta.get("num_classes")}
 
 
-def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike | None = None, **kwargs) -> Path:
-    """Export the model of a run directory; ``out`` defaults to ``RUN_DIR/model.FORMAT.safetensors``."""
+def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike | None = None, *,
+               model: nn.Module | None = None, **kwargs) -> Path:
+    """Export the model of a run directory; ``out`` defaults to ``RUN_DIR/model.FORMAT.safetensors``;
+    ``model``: an instance of a user model's class to load the weights into (see :func:`load_run`)."""
     choice(format, "--format", FORMATS)
-    model, info = load_run(run_dir)
+    model, info = load_run(run_dir, model)
     out = Path(out) if out is not None else Path(run_dir) / f"model.{format}.safetensors"
     return export_model(model, format, out, model_name=info["model"], in_shape=info["in_shape"],
                         num_classes=info["num_classes"], **kwargs)
@@ -366,12 +395,13 @@ def _fmt_bytes(n: int) -> str:
 
 
 def inspect_exports(run_dir: str | os.PathLike, *, batch_sizes=(1, 64), budget_s: float = 0.25,
-                    file=None) -> list[dict]:
+                    file=None, model: nn.Module | None = None) -> list[dict]:
     """Export a run in every format (to a temporary directory), reload each, and print a table of
-    file size, parameters, MACs per input and measured latency per batch size. Returns the rows."""
+    file size, parameters, MACs per input and measured latency per batch size. Returns the rows.
+    A format the model cannot take (shrunk / sparse of an untraceable model) is listed with why."""
     out = file or sys.stdout
     try:
-        model, info = load_run(run_dir)
+        model, info = load_run(run_dir, model)
     except UsageError as e:
         print(f"exports: not measured ({e})", file=out)
         return []
@@ -380,9 +410,13 @@ def inspect_exports(run_dir: str | os.PathLike, *, batch_sizes=(1, 64), budget_s
     ck = Path(run_dir) / "checkpoint.pt"
     with tempfile.TemporaryDirectory(prefix="sparsetrain-export-") as tmp:
         for fmt in FORMATS:
-            path = export_model(model, fmt, Path(tmp) / f"{fmt}.safetensors", model_name=info["model"],
-                                in_shape=in_shape, num_classes=info["num_classes"], batch_size=max(batch_sizes))
-            m = load_export(path)
+            try:
+                path = export_model(model, fmt, Path(tmp) / f"{fmt}.safetensors", model_name=info["model"],
+                                    in_shape=in_shape, num_classes=info["num_classes"], batch_size=max(batch_sizes))
+                m = load_export(path, model=copy.deepcopy(model) if fmt in ("dense", "compressed") else None)
+            except UsageError as e:
+                print(f"{fmt}: not available ({e})", file=out)
+                continue
             loaded[fmt] = m
             rows.append({"format": fmt, "bytes": path.stat().st_size,
                          "params": sum(t.numel() for t in m.state_dict().values() if t.is_floating_point()),
