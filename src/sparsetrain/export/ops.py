@@ -80,6 +80,16 @@ def decomposed(crow, col, values, xt, bias=None, kernel: str = "addmm") -> torch
     return y if bias is None else y + bias.unsqueeze(1)
 
 
+def densified(crow, col, values, xt, bias=None, kernel: str = "addmm") -> torch.Tensor:
+    """The same product through the dense weight, rebuilt from the CSR parts with operators ONNX
+    has (compare, sum, scatter): ONNX has no sparse product, so an ONNX file computes densely."""
+    rows, nnz = crow.shape[0] - 1, values.shape[0]
+    row = (torch.arange(nnz, device=crow.device).unsqueeze(0) >= crow[1:].long().unsqueeze(1)).sum(0)
+    w = values.new_zeros(rows, xt.shape[0]).index_put((row, col.long()), values)
+    y = w @ xt
+    return y if bias is None else y + bias.unsqueeze(1)
+
+
 def _fake(crow, col, values, xt, bias=None, kernel: str = "addmm") -> torch.Tensor:
     torch._check(xt.dim() == 2, lambda: "csr_matmul_t: xt must be 2-D (in, N)")
     return xt.new_empty(crow.shape[0] - 1, xt.shape[1])

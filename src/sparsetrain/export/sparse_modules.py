@@ -72,6 +72,11 @@ def _graph_capture() -> bool:
                 or (compiler is not None and getattr(compiler, "is_exporting", lambda: False)()))
 
 
+def _onnx_export() -> bool:
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+
+
 class _SparseBase(nn.Module):
     """Holds ``crow`` / ``col`` (int32) / ``values`` buffers and a cached CSR tensor over them.
 
@@ -117,7 +122,10 @@ class _SparseBase(nn.Module):
 
     def _matmul_t(self, xt: torch.Tensor) -> torch.Tensor:
         """``W @ xt (+ bias)``: (out, N) from ``xt`` (in, N), through the registered operator
-        ``torch.ops.sparsetrain.csr_matmul_t`` (ops.py), which graph tools see and trace."""
+        ``torch.ops.sparsetrain.csr_matmul_t`` (ops.py), which graph tools see and trace; inside
+        ``torch.onnx.export`` the same product in standard operators, which ONNX has."""
+        if _onnx_export():
+            return ops.densified(self.crow, self.col, self.values, xt, self.bias)
         return ops.csr_matmul_t(self.crow, self.col, self.values, xt, self.bias, self.kernel)
 
     def __getstate__(self):
