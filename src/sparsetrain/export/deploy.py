@@ -39,6 +39,8 @@ def export_program(model_or_path, example: torch.Tensor, *, portable: bool = Fal
     dyn = None
     if dynamic_batch:
         dyn = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
+        if example.shape[0] == 1:      # torch.export specialises a size-1 dimension: trace with 2
+            example = example.expand(2, *example.shape[1:]).clone()
     try:
         with torch.no_grad():
             ep = torch.export.export(model, (example,), dynamic_shapes=dyn)
