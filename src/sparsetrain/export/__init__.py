@@ -11,11 +11,15 @@ compressed  every tensor in its smallest lossless coding: nonzero values plus a 
             indices or a one-byte gap stream (codec.py); loads back bit-for-bit
 shrunk      all-zero neurons / filters removed, their constant outputs folded into the next
             layer (shrink.py); a smaller dense ``nn.Sequential`` rebuilt from a JSON architecture
-            (arch.py) without the original class
+            (arch.py) without the original class — or, for any other torch.fx-traceable model, a
+            ``torch.fx.GraphModule`` from its JSON graph (graph.py, graph_shrink.py)
 sparse      the shrunk network with each Linear / Conv2d that runs faster as a ``torch.sparse``
             CSR product replaced by SparseLinear / SparseConv2d (sparse_modules.py), chosen per
             layer by timing both for a batch size at export time (or again at load time)
 ==========  =====================================================================================
+
+dense / compressed files of a non-Sequential model carry its graph too when it can be traced
+(else ``load_export(path, model=MyNet())``). Deployment through torch.export / ONNX: deploy.py.
 
 Python::
 
@@ -229,7 +233,8 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batc
 
     dense / compressed: into ``model`` if given, else into a fresh ``build_model(meta.model, ...)``,
     else (a Sequential exported without a library name) rebuilt from the stored architecture.
-    shrunk / sparse: an ``nn.Sequential`` rebuilt from the file's architecture (``model`` ignored).
+    shrunk / sparse: an ``nn.Sequential`` (or ``torch.fx.GraphModule``) rebuilt from the file's
+    architecture (``model`` ignored).
     sparse: the per-layer sparse/dense choice stored at export time is used, unless ``batch_size``
     is given: then both are timed again on this machine for that batch size.
     """

@@ -11,6 +11,11 @@ indices are converted on every call) and computes
   indices, COO, BSR (4×4 blocks of unstructured sparsity) and gather + segment-sum matvecs were
   all slower than int32 CSR in benchmarks/inference.py.)
 
+Every product goes through one registered operator, ``torch.ops.sparsetrain.csr_matmul_t``
+(ops.py), so ``torch.jit.trace`` / ``torch.export`` / ``torch.compile`` record it (plain eager
+calls skip the dispatcher); under ``torch.onnx.export`` the layers compute through their dense
+weight instead (ONNX has no sparse product).
+
 :class:`SparseConv2d` runs ``unfold`` (im2col) per sample followed by the same CSR product. On
 CPU it rarely pays: MKL-DNN's dense convolution is faster than the im2col copy alone for the
 convs of LeNet-5 / VGG / ResNet at 2 % density, so convs denser than 10 % are not even timed.
@@ -37,16 +42,11 @@ import torch.nn.functional as F
 
 from .. import native
 from . import ops
+from .ops import _csr
 
 DENSITY_THRESHOLD = 0.1
 CONV_DENSITY_LIMIT = 0.1          # denser convs are not even timed: im2col alone costs more than MKL-DNN
 MIN_SPEEDUP = 1.1
-
-
-def _csr(crow, col, values, shape) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")           # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def _csr_parts(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
