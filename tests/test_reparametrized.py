@@ -63,3 +63,22 @@ def test_train_refuses_a_parametrized_model():
     ds = TensorDataset(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,)))
     with pytest.raises(UsageError, match="parametrize"):
         sparsetrain.train(model=model, train_data=ds, test_data=ds, method="linbreg", epochs=1, progress=False)
+
+
+def test_pruned_user_model_run_records_its_architecture_and_exports(tmp_path):
+    import json
+    from torch.utils.data import TensorDataset
+    from sparsetrain.export import FORMATS, export_run, load_export, load_run
+    model = net()
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    ds = TensorDataset(torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,)))
+    out = tmp_path / "run"
+    sparsetrain.train(model=model, train_data=ds, test_data=ds, method="proxsgd", epochs=1, batch_size=16,
+                      out=str(out), progress=False)
+    entry = json.loads((out / "model.json").read_text())
+    assert entry["architecture"]["type"] == "Sequential", entry["architecture_note"]
+    ref, _ = load_run(out)
+    x = torch.randn(4, 1, 4, 4)
+    for fmt in FORMATS:
+        with torch.no_grad():
+            assert torch.allclose(load_export(export_run(out, fmt))(x), ref(x), atol=1e-6), fmt

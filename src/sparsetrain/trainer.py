@@ -179,8 +179,11 @@ class Trainer:
         info = self.loaders.info
         self.in_shape = tuple(info.in_shape)
         # a user model: model.json records how to rebuild it (class, arguments, architecture)
-        self.user_model = None if model is None else usermodel.record(model, model_args, info.in_shape,
-                                                                     info.num_classes)
+        self.user_model = None
+        if model is not None:
+            entry = usermodel.record(model, model_args, info.in_shape, info.num_classes,
+                                     describe=self.out is not None and self.is_main)
+            self.user_model = entry if self.out is not None else None
         self.model = (model or build_model(cfg.model, info.in_shape, info.num_classes)).to(self.device)
         ctx = BuildContext(cfg, cfg.options, len(self.loaders.train), self.device, self.in_shape)
         self.strategy: Strategy = get_method(cfg.method).build(self.model, ctx)

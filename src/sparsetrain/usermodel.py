@@ -36,9 +36,10 @@ def class_path(model: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def record(model: nn.Module, args: dict | None, in_shape, num_classes: int) -> dict:
-    """The ``model.json`` content for ``model`` (see the module docstring)."""
-    from .export import describe
+def record(model: nn.Module, args: dict | None, in_shape, num_classes: int, *, describe: bool = True) -> dict:
+    """The ``model.json`` content for ``model`` (see the module docstring); ``model_args`` are
+    checked either way, the architecture is traced only with ``describe``."""
+    from .export import _baked_copy, describe as describe_model
     if args is not None:
         if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
             raise UsageError(f"model_args: must be a dict of constructor keyword arguments, got {args!r}")
@@ -49,10 +50,14 @@ def record(model: nn.Module, args: dict | None, in_shape, num_classes: int) -> d
                              f"got {args!r}") from None
     entry = {"class": class_path(model), "args": args, "in_shape": list(in_shape), "num_classes": num_classes,
              "architecture": None, "architecture_note": ""}
+    if not describe:
+        return entry
     try:
-        entry["architecture"] = describe(model)
+        entry["architecture"] = describe_model(_baked_copy(model))   # prune / parametrize applied
     except UsageError as e:
         entry["architecture_note"] = str(e)
+    except Exception as e:  # noqa: BLE001 - a model the tracer chokes on still trains; the note says why
+        entry["architecture_note"] = f"not described ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
     return entry
 
 
@@ -75,13 +80,19 @@ def _from_class(entry: dict) -> nn.Module:
                          f"arguments with train(..., model_args={{...}})") from None
 
 
-def rebuild(run: Path, entry: dict, model: nn.Module | None = None) -> nn.Module:
-    """The model of a run with a user model (see the module docstring)."""
+def rebuild(run: Path, entry: dict, model: nn.Module | None = None, state_keys=None) -> nn.Module:
+    """The model of a run with a user model (see the module docstring). ``state_keys``: the keys
+    of the weights to load; a class whose instance has other keys (e.g. built without the
+    arguments it was trained with) gives way to the architecture."""
     if model is not None:
         return model
     reasons = []
     try:
-        return _from_class(entry)
+        built = _from_class(entry)
+        if state_keys is None or set(built.state_dict()) == set(state_keys):
+            return built
+        reasons.append(f"{entry.get('class')}({'**model_args' if entry.get('args') else ''}) has other "
+                       f"parameters than the checkpoint")
     except UsageError as e:
         reasons.append(str(e))
     if entry.get("architecture"):

@@ -295,18 +295,19 @@ def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> tupl
         name, data = cfg["model"], cfg["data"]
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"RUN_DIR: {cfg_path} is not a sparsetrain config ({e}); {allowed}") from None
+    ck = load_checkpoint(run / "checkpoint.pt")
+    if not isinstance(ck.get("model"), dict):
+        raise UsageError(f"checkpoint {run / 'checkpoint.pt'}: has no 'model' state dict")
+    state = _bake_state(ck["model"])
     entry = usermodel.read(run)
     if entry is not None:
         in_shape, num_classes = tuple(entry["in_shape"]), int(entry["num_classes"])
-        model = usermodel.rebuild(run, entry, model)
+        model = usermodel.rebuild(run, entry, model, state_keys=state.keys())
     else:
         info = dataset_info(data)
         in_shape, num_classes = tuple(info.in_shape), info.num_classes
         model = model if model is not None else build_model(name, in_shape, num_classes)
-    ck = load_checkpoint(run / "checkpoint.pt")
-    if not isinstance(ck.get("model"), dict):
-        raise UsageError(f"checkpoint {run / 'checkpoint.pt'}: has no 'model' state dict")
-    _load_into(model, _bake_state(ck["model"]), f"checkpoint {run / 'checkpoint.pt'}")
+    _load_into(model, state, f"checkpoint {run / 'checkpoint.pt'}")
     return model.eval(), {"model": name, "data": data, "in_shape": list(in_shape), "num_classes": num_classes}
 
 
