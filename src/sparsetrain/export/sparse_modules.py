@@ -64,17 +64,21 @@ def available_kernels() -> tuple[str, ...]:
     return KERNELS if native.lib() is not None else KERNELS[:2]
 
 
+_never = (lambda: False)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
+_is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", _never)
+
+
 def _graph_capture() -> bool:
-    """True while torch.jit.trace, torch.compile or torch.export records the forward."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(torch.jit.is_tracing()
-                or (compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
-                or (compiler is not None and getattr(compiler, "is_exporting", lambda: False)()))
+    """True while torch.jit.trace, torch.compile or torch.export records the forward (called on
+    every layer call: < 1 µs)."""
+    return torch._C._get_tracing_state() is not None or _is_compiling() or _is_exporting()
 
 
 def _onnx_export() -> bool:
+    """True inside ``torch.onnx.export`` (~7 µs: asked only when a graph is being recorded)."""
     onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+    return bool(onnx is not None and getattr(onnx, "is_in_onnx_export", _never)())
 
 
 class _SparseBase(nn.Module):
@@ -117,19 +121,25 @@ class _SparseBase(nn.Module):
         return self.weight_csr().to_dense()
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """``W @ x (+ bias)`` for one vector ``x``."""
-        return self._matmul_t(x.unsqueeze(1))[:, 0]
+        """``W @ x (+ bias)`` for one vector ``x`` (eager only: MKL's matrix-vector product on the
+        cached CSR tensor, without the view ops of the general path, which cost as much)."""
+        w = self.weight_csr()
+        return torch.mv(w, x) if self.bias is None else torch.addmv(self.bias, w, x)
 
     def _matmul_t(self, xt: torch.Tensor) -> torch.Tensor:
         """``W @ xt (+ bias)``: (out, N) from ``xt`` (in, N), through the registered operator
         ``torch.ops.sparsetrain.csr_matmul_t`` (ops.py), which graph tools see and trace; inside
         ``torch.onnx.export`` the same product in standard operators, which ONNX has."""
-        if _onnx_export():
-            return ops.densified(self.crow, self.col, self.values, xt, self.bias)
         if type(xt) is torch.Tensor and not _graph_capture():
             # plain eager call: the op's own implementation without the dispatcher's ~50 µs
             # (fake / functional / traced tensors are subclasses or seen by _graph_capture)
-            return ops.reference(self.crow, self.col, self.values, xt, self.bias, self.kernel)
+            c = self._cached()
+            if self.kernel == "spmm_sum" and "csr64" not in c:
+                c["csr64"] = _csr(self.crow.long(), self.col.long(), self.values, self._shape2d)
+            return ops.reference(self.crow, self.col, self.values, xt, self.bias, self.kernel,
+                                 csr=c["csr32"], csr64=c.get("csr64"))
+        if _onnx_export():
+            return ops.densified(self.crow, self.col, self.values, xt, self.bias)
         return ops.csr_matmul_t(self.crow, self.col, self.values, xt, self.bias, self.kernel)
 
     def __getstate__(self):
@@ -168,8 +178,10 @@ class SparseLinear(_SparseBase):
         if torch.is_grad_enabled():                 # inference only: no autograd through CSR
             with torch.no_grad():
                 return self.forward(x)
-        if x.dim() == 2:          # one sample is one column: the op takes its matrix-vector path
-            return self._matmul_t(x.t().contiguous()).t()
+        if x.dim() == 2:
+            if x.shape[0] == 1 and type(x) is torch.Tensor and not _graph_capture():
+                return self._matvec(x[0]).unsqueeze(0)
+            return self._matmul_t(x.t().contiguous()).t()     # in a graph: the op, for every batch size
         lead = x.shape[:-1]
         y = self._matmul_t(x.reshape(-1, self.in_features).t().contiguous()).t()
         return y.reshape(*lead, self.out_features)
