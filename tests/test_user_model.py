@@ -177,24 +177,67 @@ def test_graph_shrink_keeps_the_skip_connection_and_outputs():
         assert float((gm(x) - model(x)).abs().max()) <= 1e-5
 
 
-def test_concatenation_is_never_cut():
-    class Cat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(6, 5), nn.Linear(6, 5)
-            self.out = nn.Linear(10, 3)
+class CatMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(6, 5)
+        self.out = nn.Linear(10, 3)
 
-        def forward(self, x):
-            return self.out(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
+    def forward(self, x):
+        return self.out(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
 
+
+class Inception(nn.Module):
+    """Two conv branches and the input concatenated (dense-net style), BatchNorm after the
+    concatenation, then a pooled, flattened head; and a concatenation used twice (never cut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1, self.b2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(13)
+        self.mix = nn.Conv2d(13, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(8 * 4, 5)
+
+    def forward(self, x):
+        y = F.relu(self.bn(torch.cat([self.b1(x), x, self.b2(x)], 1)))
+        z = F.relu(self.mix(y))
+        both = torch.cat([self.c1(z), self.c2(z)], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(both + both.mean(), 2), 1))
+
+
+def test_concatenation_is_cut_where_safe():
     torch.manual_seed(0)
-    m = Cat().eval()
+    m = CatMLP().eval()
     with torch.no_grad():
-        m.a.weight[:2] = 0
+        m.a.weight[:2] = 0                       # dead inputs, constant outputs relu(bias) folded
+        m.out.weight[:, 7] = 0                   # b's unit 2 is never read
     gm, report = shrink(m)
-    assert {r["layer"]: r["kept"] for r in report} == {"a": 5, "b": 5, "out": 3}
+    assert {r["layer"]: r["kept"] for r in report} == {"a": 3, "b": 4, "out": 3}
     x = torch.randn(4, 6)
     assert torch.allclose(gm(x), m(x), atol=1e-6)
+
+
+def test_convolution_branches_concatenated_shrink_and_keep_outputs(tmp_path):
+    torch.manual_seed(0)
+    m = Inception().eval()
+    with torch.no_grad():
+        m.b1.weight[[0, 2, 5]] = 0
+        m.b2.weight[1] = 0
+        m.b1.bias.uniform_(-1, 1)
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.bias.uniform_(-1, 1)
+        m.c1.weight[0] = 0                       # feeds a concatenation used twice: kept
+    gm, report = shrink(m, (3, 6, 6))
+    kept = {r["layer"]: r["kept"] for r in report}
+    assert kept["b1"] == 3 and kept["b2"] == 3 and kept["c1"] == 4 and kept["c2"] == 4
+    assert gm.bn.num_features == 3 + 3 + 3 and gm.mix.in_channels == 9
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        assert float((gm(x) - m(x)).abs().max()) <= 1e-5
+        for fmt in ("shrunk", "sparse"):
+            loaded = load_export(export_model(m, fmt, tmp_path / fmt, in_shape=(3, 6, 6)))
+            assert float((loaded(x) - m(x)).abs().max()) <= 1e-5, fmt
 
 
 def test_untraceable_model_keeps_dense_and_says_why(tmp_path):
