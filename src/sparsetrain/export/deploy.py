@@ -10,6 +10,9 @@ These two functions only fix the details:
   index_add over the CSR index/value constants), so ``torch.export.load`` of the saved ``.pt2``
   needs no sparsetrain. Without it the program keeps the fast kernel and its loader must
   ``import sparsetrain`` first (which registers the operator).
+  The CSR weights travel as their three plain tensors (row pointers, columns, values): a
+  ``torch.sparse_csr_tensor`` constant exports in memory but ``torch.export.save`` refuses it
+  ("Sparse CSR tensors do not have is_contiguous", torch 2.13).
 * :func:`to_onnx` — ``torch.onnx.export``; inside it the sparse layers compute through their
   dense weight rebuilt from the CSR parts (ONNX has no standard sparse product), so the file runs
   in any ONNX runtime with dense speed.
