@@ -41,8 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .errors import UsageError, did_you_mean
 from .liveness import DeadNetworkError
-from .errors import UsageError
 
 __all__ = ["compare", "render_report", "configure_parser", "run_cli"]
 
@@ -88,7 +88,8 @@ def parse_methods(text) -> list[str]:
         if not m:
             continue
         if m not in METHODS:
-            raise UsageError(f"--methods: unknown method {m!r}; allowed: {', '.join(sorted(METHODS))}")
+            raise UsageError(f"--methods: unknown method {m!r}; allowed: {', '.join(sorted(METHODS))}"
+                             f"{did_you_mean(m, METHODS)}")
         if m not in out:
             out.append(m)
     if not out:
@@ -573,7 +574,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "--levels × this and says so)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per cell: 0 … N−1 (default 3)")
     p.add_argument("--out", default=None, help="directory for runs/, results.json, results.md and the plots")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="batch size of every run (an integer > 0)")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: each "
                    "method's own; per method: --set METHOD.lr=X)")
     p.add_argument("--data-dir", default=None, help="directory with the dataset's files")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from . import metrics, nm
+from . import metrics, nm, usermodel
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
@@ -76,9 +76,10 @@ class TrainConfig:
     pattern: str | None = None            # N:M structured sparsity, e.g. "2:4"
     options: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, custom_data: bool = False) -> "TrainConfig":
+    def validate(self, custom_data: bool = False, custom_model: bool = False) -> "TrainConfig":
         method = get_method(self.method)
-        choice(self.model, "--model", MODELS)
+        if not custom_model:       # a user's nn.Module: model is its class path (usermodel.py)
+            choice(self.model, "--model", MODELS)
         if not custom_data:
             choice(self.data, "--data", DATASETS)
         choice(self.schedule, "--schedule", SCHEDULES)
@@ -205,8 +206,11 @@ def _progress(iterable, total, desc, enabled):
 class Trainer:
     """Runs ``cfg`` to completion; see the module docstring for the run directory."""
 
-    def __init__(self, cfg: TrainConfig, loaders: Loaders | None = None, model: nn.Module | None = None):
-        self.cfg = cfg.validate(custom_data=loaders is not None)
+    def __init__(self, cfg: TrainConfig, loaders: Loaders | None = None, model: nn.Module | None = None,
+                 model_args: dict | None = None):
+        if model is not None:
+            cfg.model = usermodel.class_path(model)
+        self.cfg = cfg.validate(custom_data=loaders is not None, custom_model=model is not None)
         self.device = resolve_device(cfg.device)
         self.rank, self.world_size = dist.setup(self.device)
         self.is_main = self.rank == 0
@@ -223,6 +227,12 @@ class Trainer:
         self.loaders = loaders
         info = self.loaders.info
         self.in_shape = tuple(info.in_shape)
+        # a user model: model.json records how to rebuild it (class, arguments, architecture)
+        self.user_model = None
+        if model is not None:
+            entry = usermodel.record(model, model_args, info.in_shape, info.num_classes,
+                                     describe=self.out is not None and self.is_main)
+            self.user_model = entry if self.out is not None else None
         self.model = (model or build_model(cfg.model, info.in_shape, info.num_classes)).to(self.device)
         check_input(self.model, self.in_shape, info.num_classes, self.device,
                     "--model" if model is None else "model", cfg.model if model is None else type(model).__name__,
@@ -397,6 +407,9 @@ class Trainer:
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "config.json", lambda: write_json(
                 self.cfg.to_dict(), self.out / "config.json"))) if self.is_main else None)
+            if self.user_model is not None:
+                dist.agree((lambda: self._write(self.out / usermodel.FILE, lambda: write_json(
+                    self.user_model, self.out / usermodel.FILE))) if self.is_main else None)
             if self.history:   # resumed: metrics.jsonl may lag the checkpoint (a kill between the two)
                 dist.agree((lambda: self._write(self.out / "metrics.jsonl", self._write_metrics))
                            if self.is_main else None)
@@ -502,13 +515,15 @@ def _flatten_tensors(prefix: str, obj, out: dict) -> None:
 
 
 def train(cfg: TrainConfig | None = None, *, loaders: Loaders | None = None, model: nn.Module | None = None,
-          train_data=None, test_data=None, **kwargs) -> dict:
+          train_data=None, test_data=None, model_args: dict | None = None, **kwargs) -> dict:
     """Train and return the summary.
 
     ``train(method="linbreg", epochs=5, sparsity=0.95, out="runs/x")`` trains on a built-in
     dataset (keywords that are not :class:`TrainConfig` fields are the method's options);
     ``train(train_data=ds_or_loader, test_data=..., model=net, method="adabreg")`` on the user's
-    own ``Dataset``/``DataLoader`` objects."""
+    own ``Dataset``/``DataLoader`` objects. With a model object the run directory records its
+    class path, ``model_args`` (its constructor's keyword arguments, if given) and its
+    architecture in ``model.json``, so that ``sparsetrain inspect`` / ``export`` work on it."""
     if isinstance(model, str):   # a model name, not a module
         kwargs["model"], model = model, None
     if cfg is None:   # keyword arguments that are no TrainConfig field are method options
@@ -520,4 +535,6 @@ def train(cfg: TrainConfig | None = None, *, loaders: Loaders | None = None, mod
             raise UsageError("test_data: required when train_data is given (a Dataset or DataLoader)")
         loaders = user_loaders(train_data, test_data, cfg.batch_size, cfg.seed)
         cfg.data = loaders.info.name
-    return Trainer(cfg, loaders, model).run()
+    if model_args is not None and model is None:
+        raise UsageError("model_args: only with model= (an nn.Module object)")
+    return Trainer(cfg, loaders, model, model_args).run()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import TrainConfig, Trainer
@@ -52,7 +52,8 @@ class Option:
         if value is None:
             return value
         if self.choices is not None and value not in self.choices:
-            raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}")
+            raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}"
+                             f"{did_you_mean(value, self.choices)}")
         if self.valid is not None and not self.valid(value):
             raise UsageError(f"{self.flag}: must be {self.allowed}, got {value!r}")
         return value
@@ -198,7 +199,8 @@ def model_defaults_text() -> str:
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise UsageError(f"--method: unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
+        raise UsageError(f"--method: unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}"
+                         f"{did_you_mean(name, METHODS)}")
     return METHODS[name]
 
 

@@ -182,7 +182,7 @@ def build_proxsgd(model, ctx: BuildContext) -> Strategy:
 def build_linbreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
     opt = optim.LinBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
-                        momentum=ctx.options["momentum"])
+                        momentum=ctx.options["momentum"], weight_decay=ctx.cfg.weight_decay)
     return Regularized(model, opt, ctx)
 
 
@@ -190,7 +190,8 @@ def build_linbreg(model, ctx: BuildContext) -> Strategy:
           options=BREGMAN_OPTIONS, check=_check_init_density)
 def build_adabreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
-    opt = optim.AdaBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"])
+    opt = optim.AdaBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
+                        weight_decay=ctx.cfg.weight_decay)
     return Regularized(model, opt, ctx)
 
 
@@ -228,4 +229,5 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
-    return Regularized(model, optim.GRDA(groups, lr=ctx.cfg.lr, c=o["c"], mu=o["mu"]), ctx)
+    return Regularized(model, optim.GRDA(groups, lr=ctx.cfg.lr, c=o["c"], mu=o["mu"],
+                                                      weight_decay=ctx.cfg.weight_decay), ctx)

@@ -30,15 +30,20 @@ class ProxSGD(SparseOptimizer):
         reg: default regularizer for groups without a ``"reg"`` key (None: plain SGD).
         momentum: heavy-ball momentum μ (default 0).
         weight_decay: L2 penalty added to the gradient (default 0).
+        maximize: ascend the objective instead (default False).
         foreach: multi-tensor path (default) or ``False`` for the single-tensor loop.
+
+    Momentum convention: torch's (``torch.optim.SGD``, dampening 0): the same iterates as SGD
+    before the prox.
     """
 
     def __init__(self, params, lr: float, reg=None, momentum: float = 0.0, weight_decay: float = 0.0,
-                 *, foreach: bool | None = None) -> None:
+                 *, maximize: bool = False, foreach: bool | None = None) -> None:
         check_number(lr, "lr")
         check_number(momentum, "momentum", high=1.0, high_strict=True)
         check_number(weight_decay, "weight_decay")
-        defaults = dict(lr=lr, reg=reg, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(lr=lr, reg=reg, momentum=momentum, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach)
         super().__init__(params, defaults)
 
     @torch.no_grad()

@@ -108,7 +108,12 @@ class XRDA(SparseOptimizer):
         alpha: fixed α (number or callable ``k -> α``), overriding the schedule's α.
         mode: ``"normal"`` | ``"kernel"`` | ``"channel"``.
         weight_decay: L2 term added to the gradient (paper: 5e-4).
+        maximize: ascend the objective instead (default False).
         foreach: multi-tensor path (default) or ``False`` for the single-tensor loop.
+
+    Momentum convention: an exponential moving average v ← βv + (1−β)g with β = e^{−s/τ}
+    (dampened, unlike ``torch.optim.SGD``'s b ← βb + g): s₀ = 1, τ = 9.5 (β ≈ 0.9) gives about the
+    effective step of SGD(lr=0.1, momentum=0.9).
     """
 
     lam_key = "lam"
@@ -116,12 +121,14 @@ class XRDA(SparseOptimizer):
     def __init__(self, params, lr: float, lam: float, *, tau: float = 9.5, tau_b: float = 9.5,
                  max_factor: float = 500.0, reweight: bool = True, schedule: str | None = None,
                  total_steps: int | None = None, milestones=(), alpha: float | Callable | None = None,
-                 mode: str = "normal", weight_decay: float = 0.0, foreach: bool | None = None) -> None:
+                 mode: str = "normal", weight_decay: float = 0.0, maximize: bool = False,
+                 foreach: bool | None = None) -> None:
         if schedule is None:
             schedule = "cosine" if total_steps else "constant"
         defaults = dict(lr=lr, lam=lam, tau=tau, tau_b=tau_b, max_factor=max_factor, reweight=reweight,
                         schedule=schedule, total_steps=total_steps, milestones=list(milestones),
-                        alpha=alpha, mode=mode, weight_decay=weight_decay, penalize=True, foreach=foreach)
+                        alpha=alpha, mode=mode, weight_decay=weight_decay, maximize=maximize, penalize=True,
+                        foreach=foreach)
         super().__init__(params, defaults)
 
     def load_state_dict(self, state_dict: dict) -> None:
