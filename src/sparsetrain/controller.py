@@ -248,55 +248,58 @@ class BudgetController(SparsityController):
                 zero = p == 0
                 act = g["reg"].activation(2 * v - prev)
                 out.append((p, g, zero, torch.where(zero, act, act.new_full((), -1.0))))
-                last.append(v.clone())
+                last.append(b.last_v[i].copy_(v) if prev is not v else v.clone())
                 i += 1
         b.last_v = last
         return out
 
     def _adjust_all(self, step: int, dens: list[float]) -> None:
-        """Every budget's top scores are computed on the device and read in one transfer."""
-        plans, tops = [], []
+        """Every budget's few order statistics are computed on the device and read in one
+        transfer: the largest score, the k-th and (k+1)-th largest, how many of the top k+1
+        carry evidence (> 0) and the smallest of those."""
+        plans, stats = [], []
         for b, d in zip(self.budgets, dens):
+            zeros = int(round((1.0 - d) * b.numel))
+            if zeros == 0:
+                continue
             cands = self._candidates(b)
             if not cands:
                 continue
             scores = torch.cat([c[3].flatten() for c in cands])
-            zeros = int(round((1.0 - d) * b.numel))
             need = int(round(self.target_density(step, b) * b.numel)) - int(round(d * b.numel))
-            k = min(need, zeros) if need > 0 else 0
-            if zeros == 0:
-                continue
+            k = min(need, zeros, scores.numel()) if need > 0 else 0
             m = min(max(k, 1) + 1, scores.numel())
-            tops.append(torch.topk(scores, m).values)
-            plans.append((b, cands, k, m))
+            top = torch.topk(scores, m, sorted=False).values
+            low = torch.topk(top, min(2, m), largest=False).values      # ascending
+            kth, next_ = (low[1], low[0]) if m == k + 1 and m >= 2 else (low[0], low.new_full((), -1.0))
+            positive = top > 0
+            stats.append(torch.stack([top.max(), kth, next_, positive.sum().to(top.dtype),
+                                      torch.where(positive, top, top.new_full((), math.inf)).min()]))
+            plans.append((b, cands, k))
         if not plans:
             return
-        host = torch.cat(tops).tolist()
-        i = 0
-        for b, cands, k, m in plans:
-            top = [x for x in host[i:i + m] if x >= 0]       # −1: a nonzero entry, no candidate
-            i += m
-            if top:
-                self._decide(b, cands, k, top)
+        for (b, cands, k), (best, kth, next_, n_pos, min_pos) in zip(plans, torch.stack(stats).tolist()):
+            self._decide(b, cands, k, best, kth, next_, int(n_pos), min_pos)
 
-    def _decide(self, b: _Budget, cands, k: int, top: list[float]) -> None:
-        """Scale λ of budget ``b`` from its sorted top candidate scores ``top``: admit ``k``."""
+    def _decide(self, b: _Budget, cands, k: int, best: float, kth: float, next_: float, n_pos: int,
+                min_pos: float) -> None:
+        """Scale λ of budget ``b`` so that its ``k`` strongest candidates are admitted (k = 0: none)."""
+        if best < 0:                   # no zero entry among the candidates
+            return
         missing = 0
         if k > 0:   # admit the k strongest candidates: factor between k-th and (k+1)-th score
-            k = min(k, len(top))
-            if top[k - 1] <= 0:          # fewer candidates with evidence than the budget allows
-                positive = [x for x in top if x > 0]
-                factor = positive[-1] * (1 - 1e-6) if positive else 1.0
-                missing = k - len(positive)
-            elif k < len(top) and top[k - 1] > top[k]:
-                factor = (top[k - 1] + top[k]) / 2
+            if kth <= 0:               # fewer candidates with evidence than the budget allows
+                factor = min_pos * (1 - 1e-6) if n_pos else 1.0
+                missing = k - n_pos
+            elif next_ >= 0 and kth > next_:
+                factor = (kth + next_) / 2
             else:  # a tie at the boundary (Adam-type steps), or fewer candidates than allowed
-                factor = top[k - 1] * (1 - 1e-6)
+                factor = kth * (1 - 1e-6)
             # λ falls at most by max_factor per update: candidates that only start to receive
             # gradients (newly connected units) must not all be let in at once
             factor = max(factor, 1.0 / self.max_factor)
         else:          # at the budget: nobody new until the next update
-            factor = max(1.0, top[0] * self.margin)
+            factor = max(1.0, best * self.margin)
         if factor > 0 and factor != 1.0:
             self._scale(b, factor)
         if missing > 0:
