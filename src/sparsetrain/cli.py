@@ -73,7 +73,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--out", default=None, help="run directory (config, metrics, checkpoint, summary)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
+                   "every setting must equal the saved run's (refused otherwise) except --epochs (a larger value "
+                   "extends the run), --device, --threads and --no-progress")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of the run (default: torch's count; recorded in config.json and reused by "
+                        "--resume: results are bit-identical for the same count)")
     g.add_argument("--val-fraction", type=float, default=0.0, help="seeded validation split of the training set")
     g.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples")
     g.add_argument("--test-subset", type=int, default=None, help="use only the first N test samples")

@@ -328,6 +328,7 @@ def _row(run: dict, summary: dict, run_dir: Path, out: Path) -> dict:
             "compression_ratio": summary.get("compression_ratio"),
             "epochs": summary.get("epochs", run["cfg"].epochs), "wall_seconds": summary.get("wall_seconds"),
             "flops_relative": (summary.get("flops") or {}).get("relative"),
+            "target_met": summary.get("target_met"),
             "per_layer": [{"layer": r["layer"], "shape": r.get("shape"), "numel": r["numel"], "nnz": r["nnz"],
                            "density": r["density"]} for r in summary.get("per_layer", [])],
             "extras": extras}
@@ -363,7 +364,9 @@ def aggregate(rows: list[dict], settings: dict) -> list[dict]:
             for layer in r.get("per_layer", []):
                 layers.setdefault(layer["layer"], []).append(layer["density"])
                 shapes.setdefault(layer["layer"], layer.get("shape"))
+        met = [r.get("target_met") for r in rs if r.get("target_met") is not None]
         out.append({"method": method, "target": target, "reference": target is None, "n": len(rs),
+                    "target_met": None if not met else all(met),
                     "seeds": sorted(r["seed"] for r in rs),
                     "test_accuracy_mean": acc, "test_accuracy_std": acc_std,
                     "sparsity_mean": sp, "sparsity_std": sp_std, "density_mean": de, "density_std": de_std,
@@ -433,10 +436,14 @@ def markdown(results: dict) -> str:
             f"{a['wall_seconds_mean']:.1f} s"
         target = "—" if a["target"] is None else f"{100 * a['target']:g}"
         name = a["method"] + (" (reference)" if a["reference"] else "")
-        return f"| {name} | {target} | {_pct(a['sparsity_mean'])} | {acc} | {delta} | {ep} | {wall} |"
+        achieved = _pct(a['sparsity_mean']) + (" ⚠ missed" if a.get("target_met") is False else "")
+        return f"| {name} | {target} | {achieved} | {acc} | {delta} | {ep} | {wall} |"
 
     for a in sorted(aggs, key=lambda a: (not a["reference"], -1 if a["target"] is None else a["target"])):
         lines.append(cell(a))
+    if any(a.get("target_met") is False for a in aggs):
+        lines += ["", "⚠ missed: at least one seed of the cell ended more than 0.5 percentage points away from "
+                      "its target sparsity (target_met false in its summary.json)."]
     if results.get("failed"):
         lines += ["", "Diverged runs (NaN loss; not in the table):", ""]
         lines += [f"- {f['name']}: {f['error']}" for f in results["failed"]]

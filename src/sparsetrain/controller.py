@@ -27,9 +27,12 @@ import math
 import torch
 from torch import nn
 
-from .errors import check
+from .errors import UsageError, check
 from .metrics import density
+from .optim import BregmanOptimizer
 from .params import prunable_weights
+
+START_TOLERANCE = 0.005     # a BudgetController's start may exceed the target density by this much
 
 
 class SparsityController:
@@ -38,6 +41,10 @@ class SparsityController:
                  min_lam: float = 1e-12):
         check(0 <= sparsity < 1, "--sparsity", "in [0, 1)", sparsity)
         check(0 < ramp <= 1, "ramp", "in (0, 1]", ramp)
+        if isinstance(optimizer, BregmanOptimizer) and not isinstance(self, BudgetController):
+            raise UsageError(f"optimizer: a SparsityController scales λ of methods that remove weights; "
+                             f"{type(optimizer).__name__} adds weights (a larger λ only stops admitting "
+                             f"them); allowed: BudgetController for LinBreg/AdaBreg")
         self.optimizer, self.model = optimizer, model
         self.target = 1.0 - sparsity
         self.total_steps, self.every, self.ramp = max(1, total_steps), every, ramp
@@ -142,6 +149,11 @@ class BudgetController(SparsityController):
         return torch.cat(out) if out else torch.zeros(0)
 
     def _adjust(self, step: int, d: float) -> None:
+        if self.start_density > self.target + START_TOLERANCE:
+            raise UsageError(f"BudgetController: the network starts at density {self.start_density:.4f}, "
+                             f"denser than the target {self.target:.4f}; Bregman iterations only add weights, "
+                             f"so it cannot come down to it; allowed: a sparse start (sparse_init_ with a "
+                             f"density <= {self.target:g})")
         scores = self._scores()
         if scores.numel() == 0:
             return

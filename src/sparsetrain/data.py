@@ -130,8 +130,12 @@ def _candidates(info: DatasetInfo, data_dir: str | None) -> list[Path]:
     return out
 
 
+def _missing(d: Path, info: DatasetInfo) -> list[str]:
+    return [f for f in info.files if not ((d / f).exists() or (d / (f + ".gz")).exists())]
+
+
 def _has_files(d: Path, info: DatasetInfo) -> bool:
-    return all((d / f).exists() or (d / (f + ".gz")).exists() for f in info.files)
+    return not _missing(d, info)
 
 
 def _download(info: DatasetInfo, root: Path) -> Path:
@@ -155,7 +159,18 @@ def locate(name: str, data_dir: str | None = None, download: bool = True) -> Pat
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UsageError(f"--data-dir: {data_dir} is not a readable directory; allowed: a directory holding "
                          f"the dataset's files")
-    for d in _candidates(info, data_dir):
+    candidates = _candidates(info, data_dir)
+    if data_dir is not None:     # a directory the user named is used in full or refused, never skipped
+        own = [d for d in candidates[:4] if d.is_dir()]
+        for d in own:
+            if _has_files(d, info):
+                return d
+        partial = [d for d in own if _missing(d, info) != list(info.files)]
+        if partial:
+            raise UsageError(f"--data-dir: {partial[0]} lacks {', '.join(_missing(partial[0], info))} of --data "
+                             f"{name}; allowed: a directory holding all of {', '.join(info.files)} (optionally .gz)")
+        candidates = candidates[:4]
+    for d in candidates:
         if d.is_dir() and _has_files(d, info):
             return d
     root = Path(data_dir or os.environ.get("SPARSETRAIN_DATA") or Path.home() / ".cache" / "sparsetrain")

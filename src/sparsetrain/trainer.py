@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +38,12 @@ from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
 from .methods import BuildContext, Strategy, get_method
 from .models import MODELS, build_model
+from .runlock import RunLock
 from . import distributed as dist
 
 SCHEDULES = ("cosine", "step", "plateau", "constant")
 CHECKPOINT = "checkpoint.pt"
+TARGET_TOLERANCE = 0.005     # |achieved − target sparsity| within which a target counts as met
 
 
 @dataclass
@@ -64,6 +67,7 @@ class TrainConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     progress: bool = True
+    threads: int | None = None            # None: torch's count at the start (recorded in config.json)
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, custom_data: bool = False) -> "TrainConfig":
@@ -84,6 +88,8 @@ class TrainConfig:
         for name in ("train_subset", "test_subset"):
             v = getattr(self, name)
             check(v is None or v > 0, "--" + name.replace("_", "-"), "an integer > 0", v)
+        check(self.threads is None or (isinstance(self.threads, int) and 0 < self.threads <= 4096), "--threads",
+              "an integer in [1, 4096]", self.threads)
         choice(self.device if not self.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda", "mps"))
         self.options = method.resolve(self.options)
         return self
@@ -157,13 +163,24 @@ class Trainer:
     """Runs ``cfg`` to completion; see the module docstring for the run directory."""
 
     def __init__(self, cfg: TrainConfig, loaders: Loaders | None = None, model: nn.Module | None = None):
+        self.threads_given = cfg.threads is not None      # else --resume takes the saved run's count
         self.cfg = cfg.validate(custom_data=loaders is not None)
+        if cfg.threads is None:
+            cfg.threads = torch.get_num_threads()
         self.device = resolve_device(cfg.device)
         self.rank, self.world_size = dist.setup(self.device)
         self.is_main = self.rank == 0
         self.out = Path(cfg.out) if cfg.out else None
+        self.lock: RunLock | None = None
         if self.out is not None:   # rank 0 alone touches --out; a failure there stops every rank
             dist.agree(self._prepare_out_dir if self.is_main else None)
+        try:
+            self._build(cfg, loaders, model)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, cfg: TrainConfig, loaders: Loaders | None, model: nn.Module | None) -> None:
         seed_everything(cfg.seed)
         if loaders is None:        # every rank reads the data (on every node): agree on failures
             box = {}
@@ -200,7 +217,9 @@ class Trainer:
             probe.unlink()
         except OSError as e:
             raise UsageError(f"--out: {out} is not writable ({e.strerror or e}); allowed: a writable directory") from None
+        self.lock = RunLock(out)                        # held until run() returns or fails
         if (out / CHECKPOINT).exists() and not self.cfg.resume:
+            self.release()
             raise UsageError(f"--out: {out} already holds a run; allowed: --resume to continue it, or another --out")
         for name in (CHECKPOINT, "metrics.jsonl", "config.json", "summary.json"):
             for stale in out.glob(f".{name}.*.tmp"):    # left by a write that was killed
@@ -233,7 +252,11 @@ class Trainer:
         try:
             self.model.load_state_dict(ck["model"])
             self.strategy.load_state_dict(ck.get("strategy", {}))
-            self.strategy.optimizer.load_state_dict(ck["optimizer"])
+            opt = self.strategy.optimizer   # step counts derived from --epochs: this run's (it may extend)
+            fresh = [{k: g[k] for k in ("total_steps", "milestones") if k in g} for g in opt.param_groups]
+            opt.load_state_dict(ck["optimizer"])
+            for g, keep in zip(opt.param_groups, fresh):
+                g.update(keep)
             self.scheduler.load_state_dict(ck["scheduler"])
             self.step, self.history, self.wall = ck["step"], list(ck["history"]), ck.get("wall", 0.0)
             self.start_epoch = ck["epoch"]
@@ -254,17 +277,20 @@ class Trainer:
                 return
             ck = load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
             old = ck.get("config", {})
-            old = old if isinstance(old, dict) else {}
-            for key in ("method", "model", "data", "seed", "batch_size", "epochs"):
-                if key in old and old[key] != getattr(self.cfg, key):
-                    raise UsageError(f"--resume: --{key.replace('_', '-')} differs from the run in {self.out} "
-                                     f"({getattr(self.cfg, key)!r} vs {old[key]!r}); allowed: the original value")
+            check_resume_config(self.cfg, old if isinstance(old, dict) else {}, self.out)
+            done = ck.get("epoch")
+            if isinstance(done, int) and done > self.epochs:
+                raise UsageError(f"--resume: --epochs {self.cfg.epochs} is fewer than the {done} epochs the run in "
+                                 f"{self.out} has done; allowed: --epochs >= {done} (a larger value extends the run)")
             box["ck"] = ck
 
         dist.agree(read if self.is_main else None)
         ck = dist.broadcast_object(box.get("ck"))
         if ck is None:
             return
+        saved = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+        if not self.threads_given and isinstance(saved.get("threads"), int) and saved["threads"] > 0:
+            self.cfg.threads = saved["threads"]
         ck = {k: v if k == "rng" else _to_device(v, self.device) for k, v in ck.items()}
         dist.agree(lambda: self.load_state_dict(ck))
 
@@ -321,8 +347,24 @@ class Trainer:
                 bar.set_postfix(loss=f"{value:.3f}")
         return total / max(n, 1)
 
+    def release(self) -> None:
+        """Give up the lock on ``--out`` (run() does so when it returns or fails)."""
+        if self.lock is not None:
+            self.lock.release()
+
     def run(self) -> dict:
+        threads = torch.get_num_threads()
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+            self.release()
+
+    def _run(self) -> dict:
         self._maybe_resume()
+        # results are bit-identical for a given thread count (reductions split by thread): a run
+        # uses one count throughout, recorded in config.json and taken over by --resume
+        torch.set_num_threads(self.cfg.threads)
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "config.json", lambda: write_json(
                 self.cfg.to_dict(), self.out / "config.json"))) if self.is_main else None)
@@ -346,6 +388,7 @@ class Trainer:
                    "density": metrics.density(self.model), "seconds": round(seconds, 3), **self.strategy.log()}
             if self.loaders.val is not None:
                 row["val_accuracy"] = self.evaluate(self.loaders.val)[1]
+            self._check_finite(row)
             self.history.append(row)
             if dist.is_multi():
                 dist.check_in_sync(self._state_tensors())
@@ -354,6 +397,19 @@ class Trainer:
             if self.out is not None:
                 dist.agree(self._save if self.is_main else None)
         return self.finish()
+
+    def _check_finite(self, row: dict) -> None:
+        """A non-finite weight or evaluation stops the run before it is checkpointed (exit 3):
+        a checkpoint holds good state only, so --resume and export never start from NaNs."""
+        bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(row[k])]
+        bad += [f"{name} has non-finite values" for name, t in self.model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())][:3]
+        if bad:
+            what = ", ".join(f"{b} is {row[b]}" if b in row else b for b in bad)
+            err = FloatingPointError(f"epoch {row['epoch']}: {what}; the last good checkpoint is kept "
+                                     f"(not this epoch); try a smaller --lr")
+            err.quiet = not self.is_main
+            raise err
 
     def _save(self) -> None:
         self._write(self.out / CHECKPOINT, lambda: save_checkpoint(self.state_dict(), self.out / CHECKPOINT))
@@ -374,6 +430,14 @@ class Trainer:
                    "epochs": self.epochs, "test_accuracy": test_acc, "test_loss": test_loss,
                    **metrics.summary(self.model, self.in_shape), "wall_seconds": round(self.wall, 2),
                    "options": self.cfg.options, **extras}
+        target = self.cfg.options.get("sparsity")
+        if target is not None:   # a missed target is reported, not passed off as a result at that target
+            summary["target_sparsity"] = target
+            summary["target_met"] = abs(summary["sparsity"] - target) <= TARGET_TOLERANCE
+            if not summary["target_met"] and self.is_main:
+                print(f"sparsetrain: warning: {self.cfg.method} ended at sparsity {summary['sparsity']:.4f}, "
+                      f"missing its target {target:g} by more than {TARGET_TOLERANCE:g} (target_met: false in "
+                      f"summary.json); more --epochs or another --lr may reach it", file=sys.stderr)
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "summary.json", lambda: write_json(
                 summary, self.out / "summary.json"))) if self.is_main else None)
@@ -389,6 +453,36 @@ class Trainer:
             print(f"epoch {row['epoch']:>3}/{self.epochs}  loss {row['train_loss']:.4f}  "
                   f"test acc {row['test_accuracy']:.4f}  sparsity {row['sparsity']:.4f}  "
                   f"({row['seconds']:.1f}s)", flush=True)
+
+
+# flags that --resume may change: they do not change what the run computes (--epochs extends it:
+# the schedules are laid over the new total from the resumed step on)
+# --threads too: without it the saved count is used; another count gives results equal to rounding
+RESUME_MAY_CHANGE = ("epochs", "device", "threads", "progress", "out", "resume")
+
+
+def check_resume_config(cfg: TrainConfig, old: dict, out) -> None:
+    """Refuse a ``--resume`` whose settings differ from the saved run's (bar RESUME_MAY_CHANGE),
+    naming the flag and both values: a changed --sparsity or --lr would otherwise silently change
+    the run half-way (or be ignored while config.json records it)."""
+    new = cfg.to_dict()
+    pairs = [(k, new[k], old[k]) for k in new if k not in RESUME_MAY_CHANGE and k != "options" and k in old]
+    old_opts = old.get("options") if isinstance(old.get("options"), dict) else {}
+    pairs += [(k, v, old_opts.get(k)) for k, v in cfg.options.items() if "options" in old]
+    for key, now, before in pairs:
+        if _normal(now) != _normal(before):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"--resume: {flag} differs from the run in {out} ({_show(now)} now, {_show(before)} "
+                             f"saved); allowed: the original value {_show(before)} (only "
+                             f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[:3])}, --no-progress may change)")
+
+
+def _normal(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _show(v) -> str:
+    return "unset" if v is None else repr(_normal(v))
 
 
 def _to_device(obj, device: torch.device):

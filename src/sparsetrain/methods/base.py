@@ -18,6 +18,7 @@ plain Python values only: checkpoints load with ``weights_only=True``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -53,6 +54,9 @@ class Option:
             return value
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}")
+        if self.type is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise UsageError(f"{self.flag}: must be a finite number{' ' + self.allowed if self.allowed else ''}, "
+                             f"got {value!r}")
         if self.valid is not None and not self.valid(value):
             raise UsageError(f"{self.flag}: must be {self.allowed}, got {value!r}")
         return value
