@@ -168,6 +168,9 @@ def load_config_file(path: str) -> tuple[dict, dict]:
                          f"allowed: a UTF-8 JSON file of train settings") from None
     try:
         raw = json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{where}: nested too deeply; allowed: a flat JSON object of settings (plus one "
+                         f"\"options\" object)") from None
     except ValueError as e:
         raise UsageError(f"{where}: not valid JSON ({getattr(e, 'msg', e)} at line {getattr(e, 'lineno', '?')}); "
                          f"allowed: a JSON object such as {{\"method\": \"dense\", \"epochs\": 5}}") from None
@@ -194,7 +197,11 @@ def load_config_file(path: str) -> tuple[dict, dict]:
     for _, sub in nested:
         if not isinstance(sub, dict):
             raise UsageError(f"{where}: options must be an object of method options, got {json.dumps(sub)}")
-        items += [(str(k).replace("-", "_"), v) for k, v in sub.items()]
+        inner = [(str(k).replace("-", "_"), v) for k, v in sub.items()]
+        if any(k == "options" for k, _ in inner):
+            raise UsageError(f"{where}: options inside options would be ignored; allowed: method options "
+                             f"directly inside the one \"options\" object")
+        items += inner
     for key, value in items:
         if key == "options":
             continue

@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 from torch import nn
 
+from .errors import UsageError
+
 SPARSE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -48,6 +50,12 @@ def param_groups(model: nn.Module, reg=None, *, include: str | None = None,
     regularizer object). Everything else (biases, norms, excluded layers) goes to a group with
     ``other_reg`` (None by default). ``group_options`` (lr, delta, ...) are copied into every group.
     """
+    for arg, pattern in (("include", include), ("exclude", exclude)):
+        try:
+            re.compile(pattern or "")
+        except (re.error, TypeError) as e:
+            raise UsageError(f"{arg}: not a regular expression ({e}): {pattern!r}; allowed: a Python re "
+                             f"pattern over layer names, e.g. 'fc$'") from None
     selector: Callable = reg if callable(reg) and not hasattr(reg, "prox") else (lambda *_: reg)
     groups: dict[int, dict] = {}
     rest: list[nn.Parameter] = []

@@ -43,6 +43,7 @@ from . import distributed as dist
 
 SCHEDULES = ("cosine", "step", "plateau", "constant")
 CHECKPOINT = "checkpoint.pt"
+MAX_LR = 1e3                 # larger steps only overflow (float32) or diverge
 TARGET_TOLERANCE = 0.005     # |achieved − target sparsity| within which a target counts as met
 
 
@@ -71,6 +72,7 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, custom_data: bool = False) -> "TrainConfig":
+        self._check_types()
         method = get_method(self.method)
         choice(self.model, "--model", MODELS)
         if not custom_data:
@@ -80,8 +82,10 @@ class TrainConfig:
         check(isinstance(self.batch_size, int) and self.batch_size > 0, "--batch-size", "an integer > 0", self.batch_size)
         if self.lr is None:
             self.lr = method.lr
-        check(math.isfinite(self.lr) and self.lr > 0, "--lr", "a number > 0", self.lr)
-        check(self.weight_decay >= 0, "--weight-decay", ">= 0", self.weight_decay)
+        check(math.isfinite(self.lr) and 0 < self.lr <= MAX_LR, "--lr", f"a number > 0 and <= {MAX_LR:g}", self.lr)
+        check(0 <= self.weight_decay < 1, "--weight-decay", ">= 0 and < 1", self.weight_decay)
+        check(0 <= self.seed < 2**32, "--seed", f"an integer in [0, {2**32 - 1}]", self.seed)
+        check(self.out is None or str(self.out).strip() != "", "--out", "a directory path (not empty)", self.out)
         check(0 <= self.val_fraction < 1, "--val-fraction", "in [0, 1)", self.val_fraction)
         check(0 < self.gamma <= 1, "--gamma", "in (0, 1]", self.gamma)
         check(all(0 < m < 1 for m in self.milestones), "--milestones", "fractions in (0, 1)", self.milestones)
@@ -94,10 +98,33 @@ class TrainConfig:
         self.options = method.resolve(self.options)
         return self
 
+    def _check_types(self) -> None:
+        """Python-API values of the wrong type: a one-line error naming the argument (the CLI
+        and --config files hand over typed values)."""
+        for f in dataclasses.fields(self):
+            value, ann = getattr(self, f.name), str(f.type)
+            if f.name == "options":
+                ok = isinstance(value, dict)
+            elif value is None:
+                ok = "None" in ann
+            elif ann.startswith("tuple"):
+                ok = isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)
+            else:
+                kind = ann.split("|")[0].strip()
+                ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "float": _is_number,
+                      "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool)}[kind](value)
+            if not ok:
+                raise UsageError(f"{f.name}: must be of type {ann}, got {value!r} ({type(value).__name__})")
+        self.milestones = tuple(float(m) for m in self.milestones)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,6 +136,10 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device: {name} requested but CUDA is not available; allowed here: auto, cpu")
     if name == "cuda":
         return torch.device("cuda", dist.local_rank())
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise UsageError("--device: mps requested but MPS is not available here; allowed here: auto, cpu"
+                         + (", cuda" if torch.cuda.is_available() else ""))
     return torch.device(name)
 
 

@@ -19,6 +19,7 @@ plain Python values only: checkpoints load with ``weights_only=True``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -52,6 +53,11 @@ class Option:
     def check(self, value):
         if value is None:
             return value
+        if not (isinstance(value, self.type) and (self.type is bool or not isinstance(value, bool))) and not (
+                self.type is float and isinstance(value, int) and not isinstance(value, bool)):
+            # only Python callers can get here (flags and --config values are typed): name the argument
+            raise UsageError(f"{self.name}: must be of type {self.type.__name__}, got {value!r} "
+                             f"({type(value).__name__})")
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}")
         if self.type is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
@@ -73,6 +79,18 @@ def nonnegative(name, default, help, type=float):
 
 def fraction(name, default, help, allowed="in [0, 1)", valid=lambda v: 0 <= v < 1):
     return Option(name, float, default, help, allowed, valid)
+
+
+def _is_regex(text: str) -> bool:
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
+
+
+def regex_option(name, help):
+    return Option(name, str, "", help, "a valid regular expression (Python re), e.g. 'fc$'", _is_regex)
 
 
 def sparsity_option(default=0.9):
