@@ -5,7 +5,8 @@ field and the allowed values, exit code 2, no traceback.
 
 Exit codes: 0 done; 2 bad input (flags, --config file, data, checkpoint, unwritable or full
 --out); 3 training diverged (a NaN/inf loss: one line naming the step; the last good checkpoint
-is kept); 130 interrupted (Ctrl-C; the last finished epoch is kept, continue with --resume).
+is kept); 130 interrupted (Ctrl-C; the last finished epoch is kept, continue with --resume); 143
+terminated (SIGTERM; the same, and no temporary file is left behind).
 Under ``torchrun`` every rank exits with the same code and one rank prints the message (torchrun
 itself then reports the failed workers and exits 1).
 
@@ -19,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -290,7 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so that half-written files are cleaned up as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:      # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: no .tmp file is left behind
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:    # not the main thread
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "config", None) or getattr(args, "recipe", None):
@@ -304,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "quiet", False):
             print(f"sparsetrain: error: {e}", file=sys.stderr)
         return 3
+    except Terminated:
+        print("sparsetrain: terminated (SIGTERM); the last finished epoch is saved (continue with --resume)",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("sparsetrain: interrupted; the last finished epoch is saved (continue with --resume)", file=sys.stderr)
         return 130
