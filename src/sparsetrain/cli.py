@@ -245,18 +245,20 @@ def cmd_inspect(args) -> int:
     path = run / "summary.json"
     if not path.is_file():
         raise UsageError(f"inspect: {run} has no summary.json (allowed: a finished run directory written by train)")
-    try:
+    try:   # a hand-edited or foreign summary.json: any missing key or wrong type is one line
         s = json.loads(path.read_text())
-        rows = s["per_layer"]
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"inspect: {path} is not a sparsetrain summary ({e}); "
+        lines = [f"{s.get('method')} on {s.get('model')}/{s.get('data')}: test accuracy {s['test_accuracy']:.4f}, "
+                 f"sparsity {s['sparsity']:.4f}, density {s['density']:.4f}, "
+                 f"compression {s['compression_ratio']:.1f}x"]
+        if "flops" in s:
+            lines.append(f"MACs per input: dense {s['flops']['dense_macs']:,}, sparse {s['flops']['sparse_macs']:,} "
+                         f"({s['flops']['relative']:.4f} of dense)")
+        lines.append(format_table(s["per_layer"]))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        reason = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
+        raise UsageError(f"inspect: {path} is not a sparsetrain summary ({reason[:160]}); "
                          f"allowed: a finished run directory written by train") from None
-    print(f"{s.get('method')} on {s.get('model')}/{s.get('data')}: test accuracy {s['test_accuracy']:.4f}, "
-          f"sparsity {s['sparsity']:.4f}, density {s['density']:.4f}, compression {s['compression_ratio']:.1f}x")
-    if "flops" in s:
-        print(f"MACs per input: dense {s['flops']['dense_macs']:,}, sparse {s['flops']['sparse_macs']:,} "
-              f"({s['flops']['relative']:.4f} of dense)")
-    print(format_table(rows))
+    print("\n".join(lines))
     try:
         from .export import inspect_exports
     except ImportError:

@@ -57,6 +57,9 @@ _STANDARD = {"method", "model", "data", "epochs", "test_accuracy", "test_loss", 
 
 
 # ============================================================================ input checking
+MAX_SEEDS = 1000
+
+
 def parse_sparsities(text) -> list[float]:
     """``"0.9,0.95"`` (or a list of numbers) -> [0.9, 0.95]; every value in [0, 1)."""
     items = text.split(",") if isinstance(text, str) else list(text if isinstance(text, Iterable) else [text])
@@ -236,8 +239,8 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
     choice(data, "--data", DATASETS)
     check(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0, "--epochs", "an integer > 0",
           epochs)
-    check(isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0, "--seeds",
-          "an integer > 0 (the number of seeds, 0 … N−1)", seeds)
+    check(isinstance(seeds, int) and not isinstance(seeds, bool) and 0 < seeds <= MAX_SEEDS, "--seeds",
+          f"an integer in [1, {MAX_SEEDS}] (the number of seeds, 0 … N−1)", seeds)
     if not sparsities and any(_has_target(m) for m in methods):
         raise UsageError("--sparsity: at least one target is required for "
                          f"{', '.join(m for m in methods if _has_target(m))}; allowed: numbers in [0, 1)")

@@ -223,6 +223,10 @@ class Trainer:
         info = self.loaders.info
         self.in_shape = tuple(info.in_shape)
         self.model = (model or build_model(cfg.model, info.in_shape, info.num_classes)).to(self.device)
+        empty = [f"{n} {tuple(p.shape)}" for n, p in self.model.named_parameters() if p.numel() == 0]
+        if empty:   # found now, not after training when its summary divides by its size
+            raise UsageError(f"model: zero-size parameter {', '.join(empty[:3])}; allowed: layers with at least "
+                             f"one weight")
         ctx = BuildContext(cfg, cfg.options, len(self.loaders.train), self.device, self.in_shape)
         self.strategy: Strategy = get_method(cfg.method).build(self.model, ctx)
         self.net = dist.wrap(self.model, self.device)     # DDP in a multi-process run
