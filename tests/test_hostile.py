@@ -83,6 +83,11 @@ def env(idx_dir, tmp_path_factory):
     # checkpoints: a plain pickle that would run code (not torch's format)
     shutil.copytree(e.run, root / "ck-pickle")
     (root / "ck-pickle" / "checkpoint.pt").write_bytes(pickle.dumps({"model": _Evil(root / "pwned")}))
+    # a run whose checkpoint holds NaN weights (written by hand: train no longer writes one)
+    shutil.copytree(e.run, root / "nan-run")
+    ck = torch.load(root / "nan-run" / "checkpoint.pt", weights_only=True)
+    next(iter(ck["model"].values()))[0] = float("nan")
+    torch.save(ck, root / "nan-run" / "checkpoint.pt")
     # exports: sizes that do not fit the file, metadata of the wrong type
     e.huge = _export(root / "huge.safetensors", {"w": {"shape": [8192, 8192], "dtype": "float32", "coding": "gaps"}})
     e.in_shape = _export(root / "in-shape.safetensors", {}, in_shape='["a", 28, 28]')
@@ -220,6 +225,8 @@ CLI = [
     ("export-num-classes-not-a-number", lambda e: ["export", str(e.classes), "--format", "dense", "--out",
                                                    str(e.root / "new-z.safetensors")], 2,
      ["num_classes", "positive integer"], None),
+    ("export-of-nan-weights", lambda e: ["export", str(e.root / "nan-run"), "--format", "dense", "--out",
+                                         str(e.root / "new-nan.safetensors")], 2, ["non-finite values"], None),
     ("inspect-malformed-summary", lambda e: ["inspect", str(e.root / "bad-summary")], 2,
      ["inspect", "not a sparsetrain summary"], None),
     ("out-empty", lambda e: train_argv(e)[:-len(TINY) - 1] + [""] + TINY, 2, ["--out", "not empty"], None),

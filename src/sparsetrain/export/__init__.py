@@ -258,6 +258,10 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     if not isinstance(ck.get("model"), dict):
         raise UsageError(f"checkpoint {run / 'checkpoint.pt'}: has no 'model' state dict")
     _load_into(model, _bake_state(ck["model"]), f"checkpoint {run / 'checkpoint.pt'}")
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:   # train never checkpoints such a state; an export of it would only carry NaNs along
+        raise UsageError(f"checkpoint {run / 'checkpoint.pt'}: {', '.join(bad[:3])} has non-finite values; "
+                         f"allowed: the checkpoint of a run that did not diverge")
     return model.eval(), {"model": name, "data": data, "in_shape": list(info.in_shape),
                           "num_classes": info.num_classes}
 
