@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,7 +98,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UsageError(f"checkpoint {path}: no such file; allowed: a checkpoint.pt written by sparsetrain train")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch's notes on foreign pickles: the error below says it in one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe: all the same to the user
         text = str(e)
         unsafe = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)|([\w.]+) was not an allowed global", text, re.I)
