@@ -8,10 +8,16 @@ Run directory ``--out``:
   checkpoint.pt   model, optimizer, scheduler, method state, history — written atomically at the
                   end of every epoch; ``--resume`` continues from it
   summary.json    final test_accuracy in [0, 1], sparsity, density, compression_ratio,
-                  per_layer, flops, wall_seconds (+ method extras)
+                  per_layer, flops, wall_seconds (+ method extras; target_sparsity and
+                  target_met for methods with a target)
+  .lock           held while a run writes there (:mod:`sparsetrain.runlock`): one run per directory
 
 Reproducibility: the model is initialised from ``seed``; epoch e's batch order is drawn from
 ``seed`` and e alone, so a resumed run replays exactly the batches of an uninterrupted one.
+Bit-identity holds for one CPU thread count (sums are split by thread): a run fixes its count
+(``threads``, recorded in config.json) and ``--resume`` reuses it. Weights and evaluation are
+checked for NaN/inf before every checkpoint (FloatingPointError, exit 3): a checkpoint holds
+good state only. What ``--resume`` may change: :mod:`sparsetrain.resume`.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
 from .methods import BuildContext, Strategy, get_method
 from .models import MODELS, build_model
+from .resume import check_resume_config
 from .runlock import RunLock
 from . import distributed as dist
 
@@ -488,36 +495,6 @@ class Trainer:
             print(f"epoch {row['epoch']:>3}/{self.epochs}  loss {row['train_loss']:.4f}  "
                   f"test acc {row['test_accuracy']:.4f}  sparsity {row['sparsity']:.4f}  "
                   f"({row['seconds']:.1f}s)", flush=True)
-
-
-# flags that --resume may change: they do not change what the run computes (--epochs extends it:
-# the schedules are laid over the new total from the resumed step on)
-# --threads too: without it the saved count is used; another count gives results equal to rounding
-RESUME_MAY_CHANGE = ("epochs", "device", "threads", "progress", "out", "resume")
-
-
-def check_resume_config(cfg: TrainConfig, old: dict, out) -> None:
-    """Refuse a ``--resume`` whose settings differ from the saved run's (bar RESUME_MAY_CHANGE),
-    naming the flag and both values: a changed --sparsity or --lr would otherwise silently change
-    the run half-way (or be ignored while config.json records it)."""
-    new = cfg.to_dict()
-    pairs = [(k, new[k], old[k]) for k in new if k not in RESUME_MAY_CHANGE and k != "options" and k in old]
-    old_opts = old.get("options") if isinstance(old.get("options"), dict) else {}
-    pairs += [(k, v, old_opts.get(k)) for k, v in cfg.options.items() if "options" in old]
-    for key, now, before in pairs:
-        if _normal(now) != _normal(before):
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"--resume: {flag} differs from the run in {out} ({_show(now)} now, {_show(before)} "
-                             f"saved); allowed: the original value {_show(before)} (only "
-                             f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[:3])}, --no-progress may change)")
-
-
-def _normal(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _show(v) -> str:
-    return "unset" if v is None else repr(_normal(v))
 
 
 def _to_device(obj, device: torch.device):
