@@ -92,6 +92,24 @@ def write_json(obj, path: str | Path) -> None:
     atomic_write(Path(path), lambda f: f.write(data))
 
 
+_CALLS = {"GLOBAL": "imports", "STACK_GLOBAL": "imports", "INST": "calls", "OBJ": "calls", "REDUCE": "calls",
+          "NEWOBJ": "calls", "NEWOBJ_EX": "calls"}
+
+
+def _pickled_call(path: Path) -> str | None:
+    """How the pickle in ``path`` would run code ("imports"/"calls"), read opcode by opcode
+    without executing any; None for bytes that are no pickle (garbage, truncation)."""
+    import pickletools
+    try:
+        with open(path, "rb") as f:
+            for op, _, _ in pickletools.genops(f):
+                if op.name in _CALLS:
+                    return _CALLS[op.name] + " a Python function"
+    except Exception:  # noqa: BLE001 - not a (complete) pickle
+        return None
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`; any problem is a one-line UsageError."""
     path = Path(path)
@@ -108,8 +126,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         if unsafe:
             reason = (f"refused: it contains code (a reference to {unsafe.group(1) or unsafe.group(2)}, "
                       f"not tensors); nothing was executed")
-        elif opcode:   # a plain pickle, not torch's format: its instructions may build objects or run code
-            reason = (f"refused: it contains code (pickle instruction {opcode.group(1)} that a weights-only "
+        elif opcode and _pickled_call(path):   # a plain pickle, not torch's format, that imports or calls
+            reason = (f"refused: it contains code (a pickle that {_pickled_call(path)}, which a weights-only "
                       f"load does not run); nothing was executed")
         else:
             detail = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else text
