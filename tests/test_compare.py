@@ -242,16 +242,16 @@ def test_bad_results_file_for_report(tmp_path, capsys):
 
 def test_a_diverged_run_is_reported_and_the_compare_goes_on(idx_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = main(["compare", "--methods", "dense,gmp", "--sparsity", "0.5", "--seeds", "1", "--epochs", "3",
+    rc = main(["compare", "--methods", "dense,gmp", "--sparsity", "0.5", "--seeds", "1", "--epochs", "1",
                "--batch-size", "32", "--train-subset", "64", "--test-subset", "32", "--data-dir", str(idx_dir),
-               "--out", str(out), "--set", "dense.lr=1000"])     # the largest --lr: inf by epoch 3
+               "--out", str(out), "--set", "dense.lr=1e30"])
     captured = capsys.readouterr()
     assert rc == 3
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "dense-seed0" in err[0] and "diverged" in err[0]
-    assert re.search(r"dense seed 0: diverged: .*loss is (nan|inf)", captured.out)
+    assert "dense seed 0: diverged: loss is" in captured.out
     data = json.loads((out / "results.json").read_text())
     assert [f["name"] for f in data["failed"]] == ["dense-seed0"] and data["complete"] is False
     assert [r["name"] for r in data["runs"]] == ["gmp-s0.5-seed0"]               # the compare went on
     md = (out / "results.md").read_text()
-    assert "Diverged runs" in md and re.search(r"- dense-seed0: .*loss is (nan|inf)", md) and "| gmp | 50 |" in md
+    assert "Diverged runs" in md and "- dense-seed0: loss is" in md and "| gmp | 50 |" in md

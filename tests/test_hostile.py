@@ -194,7 +194,7 @@ CLI = [
      _failing_writes(KeyboardInterrupt())),
     ("sigterm-in-torch-save", lambda e: train_argv(e), 143, ["terminated", "--resume"],
      _failing_writes(lambda: os.kill(os.getpid(), signal.SIGTERM))),
-    ("lr-overflow", lambda e: train_argv(e, "--lr", "1e308"), 2, ["--lr", "<= 1000"], None),
+    ("lr-overflow", lambda e: train_argv(e, "--lr", "1e308"), 2, ["--lr", "<= 1e+30"], None),
     ("seed-overflow", lambda e: train_argv(e, "--seed", "100000000000000000000"), 2, ["--seed", "[0, 4294967295]"], None),
     ("exclude-not-a-regex", lambda e: train_argv(e, "--method", "xrda", "--exclude", "("), 2,
      ["--exclude", "regular expression"], None),
