@@ -15,6 +15,13 @@
 Latency is the median over ``--repeats`` round-robin runs after warm-up (all candidates of a
 row are timed alternately, so machine noise hits them alike). speedup = dense / format;
 ideal = 1 / density of the Linear/Conv weights; "of ideal" = speedup / ideal.
+
+``--device cuda`` measures the GPU exports instead (CUDA events, round-robin, median): one
+Linear of 4096×4096 and the GPT-2-small MLP pair (768→3072, 3072→768) at batch 1 / 16 / 256 in
+fp16 and bf16 -- dense ``F.linear`` vs the 2:4 semi-structured weight (``to_semi_structured``,
+NVIDIA sparse tensor cores) vs CSR (cuSPARSE through ``torch.sparse``) at 95 % and 99 %
+unstructured sparsity. ``--device cpu --gpu-shapes-only`` runs the same code on a CPU with tiny
+shapes (semi-structured then falls back to dense; a check of the script, not a measurement).
 """
 from __future__ import annotations
 
@@ -180,6 +187,70 @@ def variants(args) -> None:
           ["kernel", "batch", "threads", "ms", "speedup", "of ideal"], rows)
 
 
+def gpu_timed(fns: dict, repeats: int, device: str, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each zero-argument function, round-robin; CUDA events on a GPU."""
+    if device != "cuda":
+        return timed(fns, repeats, warmup)
+    events = {k: [] for k in fns}
+    with torch.no_grad():
+        for f in fns.values():
+            for _ in range(warmup):
+                f()
+        for _ in range(repeats):
+            for k, f in fns.items():
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                f()
+                b.record()
+                events[k].append((a, b))
+        torch.cuda.synchronize()
+    return {k: statistics.median(a.elapsed_time(b) for a, b in v) for k, v in events.items()}
+
+
+def gpu_linears(args) -> None:
+    """Dense vs semi-structured (2:4) vs CSR linears on a GPU (see the module docstring)."""
+    from sparsetrain.export import to_semi_structured
+    from sparsetrain.nm import project_
+    device = args.device
+    shapes = [(4096, 4096), (768, 3072), (3072, 768)] if not args.gpu_shapes_only else [(64, 64), (32, 64)]
+    batches = (1, 16, 256) if not args.gpu_shapes_only else (1, 16)
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for n_in, n_out in shapes:
+            torch.manual_seed(0)
+            dense = nn.Linear(n_in, n_out, device=device, dtype=dtype)
+            nm24 = copy.deepcopy(dense)
+            project_(nm24, 2, 4)
+            report = to_semi_structured(nm24)[0]
+            csr = {}
+            for sp in (0.95, 0.99):
+                w = magnitude_prune(copy.deepcopy(dense), sp).weight.detach()
+                try:
+                    csr[sp] = w.to_sparse_csr()
+                except (RuntimeError, NotImplementedError):
+                    pass
+            for bs in batches:
+                x = torch.randn(bs, n_in, device=device, dtype=dtype)
+                fns = {"dense": lambda: dense(x), "2:4 semi-structured": lambda: nm24(x)}
+                for sp, W in csr.items():
+                    fns[f"CSR {sp:.0%}"] = (lambda W=W: torch.sparse.mm(W, x.t()))
+                try:
+                    lat = gpu_timed(fns, args.repeats, device)
+                except (RuntimeError, NotImplementedError) as e:   # a kernel missing for this dtype/shape
+                    fns = {k: f for k, f in fns.items() if not k.startswith("CSR")}
+                    lat = gpu_timed(fns, args.repeats, device)
+                    lat.update({k: float("nan") for k in ("CSR 95%", "CSR 99%")})
+                    print(f"(CSR {str(dtype)[6:]} {n_in}→{n_out} b{bs}: {' '.join(str(e).split())[:100]})")
+                base = lat["dense"]
+                rows.append([f"{n_in}→{n_out}", str(dtype).replace("torch.", ""), bs, base,
+                             *[f"{lat[k]:.3f} ({base / lat[k]:.2f}×)" if k in lat else "-"
+                               for k in ("2:4 semi-structured", "CSR 95%", "CSR 99%")],
+                             "yes" if report["semi_structured"] else report["reason"][:40]])
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (script check)"
+    table(f"GPU linears on {name}: ms (speedup vs dense)",
+          ["linear", "dtype", "batch", "dense ms", "2:4 semi-structured", "CSR 95 %", "CSR 99 %", "2:4 kernel"], rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="a run directory to take LeNet-300-100 from")
@@ -188,7 +259,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--no-variants", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU exports (see above)")
+    p.add_argument("--gpu-shapes-only", action="store_true", help="run the GPU section only, with tiny shapes "
+                   "(a CPU check of the script)")
     args = p.parse_args(argv)
+    if args.device == "cuda" or args.gpu_shapes_only:
+        print(f"torch {torch.__version__}, device {args.device}")
+        gpu_linears(args)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "

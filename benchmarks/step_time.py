@@ -9,7 +9,12 @@ is measured. Baseline and candidate steps are interleaved; "ratio" is the median
 per-repeat ratios (times are medians), "ratio (min)" divides the fastest repeats -- the more
 stable number on a shared, noisy machine. Prints a markdown table.
 
-    python benchmarks/step_time.py [--threads 1] [--repeats 30] [--only resnet18|lenet]
+With ``--device cuda`` the tensors live on the GPU (the fused Triton steps of
+``sparsetrain.optim.fused_cuda`` are taken automatically), each step is timed with CUDA events,
+and a GPT-2-small-shaped parameter list (124M) is added; the card's name is printed.
+
+    python benchmarks/step_time.py [--threads 1] [--repeats 30] [--only resnet18|lenet|gpt2]
+                                   [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -39,12 +44,20 @@ def resnet18_shapes():
     return shapes + [(1000, 512), (1000,)]
 
 
-def make_params(shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def gpt2_small_shapes():
+    """GPT-2 small (124M): token/position embeddings, 12 blocks of attention + MLP, final norm."""
+    d, shapes = 768, [(50257, 768), (1024, 768)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def make_params(shapes, seed=0, device="cpu"):
+    g = torch.Generator(device).manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.randn(s, generator=g).mul_(0.05).requires_grad_(True)
-        p.grad = torch.randn(s, generator=g)
+        p = torch.randn(s, generator=g, device=device).mul_(0.05).requires_grad_(True)
+        p.grad = torch.randn(s, generator=g, device=device)
         params.append(p)
     return params
 
@@ -61,9 +74,11 @@ CANDIDATES = {
     "LinBreg (L1, momentum 0.9)": ("sgd", lambda ps: LinBreg(groups(ps, L1(1e-3)), lr=1e-3, momentum=0.9), 1.2),
     "AdaBreg (L1)": ("adam", lambda ps: AdaBreg(groups(ps, L1(1e-3)), lr=1e-3), 1.2),
     "XRDA (normal, cosine)": ("sgd", lambda ps: XRDA(groups(ps, L1(1e-6)), lr=1e-3, lam=1e-6,
-                                                     total_steps=10_000), 1.2),
+                                                     total_steps=10_000), 1.5),
     "XRDA (kernel, cosine)": ("sgd", lambda ps: XRDA(groups(ps, L1(1e-6)), lr=1e-3, lam=1e-6,
-                                                     total_steps=10_000, mode="kernel"), 1.2),
+                                                     total_steps=10_000, mode="kernel"), 1.5),
+    "XRDA (channel, cosine)": ("sgd", lambda ps: XRDA(groups(ps, L1(1e-6)), lr=1e-3, lam=1e-6,
+                                                      total_steps=10_000, mode="channel"), 1.5),
     "XRDA (normal, no reweight)": ("sgd", lambda ps: XRDA(groups(ps, L1(1e-6)), lr=1e-3, lam=1e-6,
                                                           total_steps=10_000, reweight=False), 1.2),
     "GRDA": ("sgd", lambda ps: GRDA(groups(ps, L1(1.0)), lr=1e-3, c=1e-3, mu=0.6), None),
@@ -75,20 +90,31 @@ BASELINES = {
 }
 
 
-def _time(opt) -> float:
+def _time(opt, device="cpu"):
+    """Seconds of one ``opt.step()`` (a CUDA device: a pair of recorded events, read later)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        opt.step()
+        end.record()
+        return lambda: start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     opt.step()
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    return lambda: t
 
 
-def measure(shapes, factory, base_factory, repeats, warmup=3):
-    ours, base = factory(make_params(shapes)), base_factory(make_params(shapes))
+def measure(shapes, factory, base_factory, repeats, warmup=3, device="cpu"):
+    ours, base = factory(make_params(shapes, device=device)), base_factory(make_params(shapes, device=device))
     for _ in range(warmup):
         ours.step()
         base.step()
+    pairs = [(_time(base, device), _time(ours, device)) for _ in range(repeats)]
+    if device == "cuda":
+        torch.cuda.synchronize()
     t_ours, t_base, ratios = [], [], []
-    for _ in range(repeats):
-        b, o = _time(base), _time(ours)
+    for b, o in pairs:
+        b, o = b(), o()
         t_base.append(b)
         t_ours.append(o)
         ratios.append(o / b)
@@ -100,15 +126,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--only", choices=["lenet", "resnet18"], default=None)
+    ap.add_argument("--only", choices=["lenet", "resnet18", "gpt2"], default=None)
     ap.add_argument("--match", default="", help="only optimizers whose name contains this")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = {"LeNet-300-100": lenet_shapes(), "ResNet-18": resnet18_shapes()}
+    if args.device == "cuda":
+        models["GPT-2 small"] = gpt2_small_shapes()
+        where = f"CUDA ({torch.cuda.get_device_name()}), CUDA events"
+    else:
+        where = f"{torch.get_num_threads()} thread(s), CPU"
     if args.only:
-        models = {k: v for k, v in models.items() if k.lower().replace("-", "").startswith(args.only[:5])}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, CPU, "
-          f"median of {args.repeats} interleaved repeats\n")
+        models = {k: v for k, v in models.items() if k.lower().replace("-", "").startswith(args.only[:4])}
+    print(f"torch {torch.__version__}, {where}, float32, median of {args.repeats} interleaved repeats\n")
     print("| params | optimizer | baseline | ours (ms) | baseline (ms) | ratio | ratio (min) | target |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for model, shapes in models.items():
@@ -117,7 +148,7 @@ def main():
             if args.match not in name:
                 continue
             base_name, base_factory = BASELINES[base_key]
-            t_o, t_b, ratio, ratio_min = measure(shapes, factory, base_factory, args.repeats)
+            t_o, t_b, ratio, ratio_min = measure(shapes, factory, base_factory, args.repeats, device=args.device)
             tgt = f"≤ {target}" if target else "-"
             print(f"| {model} ({n / 1e6:.2f}M) | {name} | {base_name} | {t_o * 1e3:.3f} | {t_b * 1e3:.3f} "
                   f"| {ratio:.2f} | {ratio_min:.2f} | {tgt} |", flush=True)

@@ -3,11 +3,19 @@ import gzip
 import pickle
 import struct
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (run on a GPU machine: pytest -m cuda)")
 
 
 def write_idx(path, array: np.ndarray, gz: bool = True) -> None:

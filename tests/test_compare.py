@@ -59,6 +59,8 @@ def test_runs_results_and_progress_lines(done):
         assert a["test_accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
         if target is not None:
             assert abs(a["sparsity_mean"] - target) < 0.01
+        assert a["epoch_seconds_mean"] > 0               # training time of an epoch, × dense
+        assert a["epoch_time_vs_dense"] == pytest.approx(a["epoch_seconds_mean"] / aggs["dense", None]["epoch_seconds_mean"])
 
     md = (out / "results.md").read_text()
     rows = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| method")]
@@ -70,6 +72,7 @@ def test_runs_results_and_progress_lines(done):
             assert abs(float(cells[2].split()[0]) - float(target)) < 1.0  # achieved sparsity, % (⚠ if missed)
             assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cells[3])       # accuracy mean ± std
             assert cells[5] == str(SMALL["epochs"]) and cells[6].endswith(" s")
+            assert re.fullmatch(r"\d+\.\d\d s \(\d+\.\d\d×\)", cells[7])          # epoch time (× dense)
     for png in ("pareto.png", "layers.png"):
         assert (out / png).read_bytes()[:8] == PNG
 

@@ -38,7 +38,9 @@ def test_keep_inactive_reinit_changes_no_weight():
     assert torch.equal(opt.state[w]["v"][zero], v_before[zero])
 
 
-@pytest.mark.parametrize("method, extra", [("linbreg", []), ("adabreg", []), ("linbreg", ["--momentum", "0.9"]),
+# batch 8: LinBreg's LeNet-300-100 default lr 1 (tuned at batch 128) is too large for these steps
+@pytest.mark.parametrize("method, extra", [("linbreg", ["--lr", "0.3"]), ("adabreg", []),
+                                           ("linbreg", ["--momentum", "0.5", "--lr", "0.3"]),
                                            ("proxsgd", []), ("xrda", []), ("grda", [])])
 def test_runs_end_at_the_requested_sparsity(method, extra, idx_dir, tmp_path):
     out = tmp_path / method
@@ -71,6 +73,10 @@ def test_resume_of_a_controlled_run_matches_an_uninterrupted_one(method, idx_dir
     assert run["lam_trajectory"] == ref["lam_trajectory"]
 
 
+def _scores(c):
+    return torch.cat([scores for *_, scores in c._candidates(c.budgets[0])])
+
+
 def test_budget_controller_state_carries_its_look_ahead():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 10))
@@ -86,7 +92,7 @@ def test_budget_controller_state_carries_its_look_ahead():
     state = torch.load(__import__("io").BytesIO(_saved(c.state_dict())), weights_only=True)
     fresh = BudgetController(opt, model, 0.5, total_steps=100)
     fresh.load_state_dict(state)
-    assert torch.equal(fresh._scores(), c._scores())
+    assert torch.equal(_scores(fresh), _scores(c))
 
 
 def _saved(obj) -> bytes:

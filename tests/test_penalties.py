@@ -130,3 +130,21 @@ def test_halo_resume_after_a_crash_matches_an_uninterrupted_run(idx_dir, tmp_pat
     ref, res = crash_and_resume(monkeypatch, tmp_path, args, HALOStrategy, crash_step=3)
     assert res["test_loss"] == ref["test_loss"] and res["scale_mean"] == ref["scale_mean"]
     assert res["accuracy_before_prune"] == ref["accuracy_before_prune"]
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_fused_halo_penalty_matches_the_per_layer_ops(squared):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10), nn.Linear(10, 10))
+    halo = HALO(model, xi=0.3, psi=0.02, P=5.0, squared=squared, min_scale=0.2)
+    with torch.no_grad():
+        for lam in halo.scales:                 # signs, values below and above min_scale
+            lam.copy_(torch.randn_like(lam))
+    params = [*halo.weights, *halo.scales]
+    fused = halo()
+    g_fused = torch.autograd.grad(fused, params)
+    ref = halo.reference()
+    g_ref = torch.autograd.grad(ref, params)
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, b in zip(g_fused, g_ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

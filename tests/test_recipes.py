@@ -12,7 +12,8 @@ from sparsetrain.params import prunable_weights
 from sparsetrain.recipes import RECIPES_DIR, available, find_recipe, load_recipe
 from sparsetrain.trainer import TrainConfig
 
-NAMES = ["cifar10-resnet18-adabreg", "cifar10-resnet56-xrda", "cifar10-vgg16-halo", "fmnist-convnet-linbreg"]
+NAMES = ["cifar10-resnet18-adabreg", "cifar10-resnet56-xrda", "cifar10-resnet56-xrda-authors", "cifar10-vgg16-halo",
+         "fmnist-convnet-linbreg"]
 
 
 def _config(argv):
@@ -41,6 +42,8 @@ def test_every_recipe_is_found_and_valid():
                                 sparsity=0.95)),
     ("cifar10-resnet56-xrda", dict(method="xrda", model="resnet56", data="cifar10", lr=1.0, tau=9.5, tau_b=9.5,
                                    weight_decay=5e-4, max_factor=500.0, lam=1e-6)),
+    ("cifar10-resnet56-xrda-authors", dict(method="xrda", model="resnet56", data="cifar10", lr=0.25, tau=12.37,
+                                           tau_b=12.37, weight_decay=5e-4, lam=1.3e-6, epochs=600)),
 ])
 def test_recipe_holds_the_papers_values(name, expect):
     cfg = _config(["train", "--recipe", name])

@@ -4,9 +4,11 @@ Every user error is a :class:`~sparsetrain.errors.UsageError`: one line on stder
 field and the allowed values, exit code 2, no traceback.
 
 Exit codes: 0 done; 2 bad input (flags, --config file, data, checkpoint, unwritable or full
---out); 3 training diverged (a NaN/inf loss: one line naming the step; the last good checkpoint
-is kept); 130 interrupted (Ctrl-C; the last finished epoch is kept, continue with --resume); 143
-terminated (SIGTERM; the same, and no temporary file is left behind).
+--out); 3 training diverged or cannot train (a NaN/inf loss: one line naming the step; a dead
+network — no gradient reaches a layer in the first steps: one line naming the layer; non-finite
+weights or test loss at the end of an epoch; the last good checkpoint is kept); 130 interrupted
+(Ctrl-C; the last finished epoch is kept, continue with --resume); 143 terminated (SIGTERM; the
+same, and no temporary file is left behind).
 Under ``torchrun`` every rank exits with the same code and one rank prints the message (torchrun
 itself then reports the failed workers and exits 1).
 
@@ -24,7 +26,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
+from .liveness import DeadNetworkError
 
 # subcommand -> (module, help); modules are imported lazily so `sparsetrain --help` stays fast
 COMMANDS = {
@@ -40,7 +43,39 @@ class _Parser(argparse.ArgumentParser):
         command = self.prog.split()[1:]
         if message.startswith("unrecognized arguments"):
             message += f"; allowed: the flags listed by `{self.prog if command else 'sparsetrain COMMAND'} --help`"
+            flags = [t for t in message.split(";")[0].split(":", 1)[1].split() if t.startswith("-")]
+            if flags:
+                message += did_you_mean(flags[0].split("=")[0], self._all_flags())
+        else:
+            import re
+            bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+            if bad:
+                message += did_you_mean(bad.group(1), re.findall(r"'?([\w-]+)'?", bad.group(2)))
         raise UsageError(f"{command[0]}: {message}" if command else message)
+
+    def _all_flags(self) -> list[str]:
+        """The option strings of this parser and of its subcommands (argparse reports a
+        subcommand's unknown flag from the top-level parser)."""
+        flags = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    flags += list(sub._option_string_actions)
+        return flags
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to every flag whose help does not state its default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is argparse.SUPPRESS
+                or not action.option_strings or action.nargs == 0):   # on/off flags: no value to show
+            return text
+        if action.default is None or (isinstance(action.default, (list, tuple, str)) and not action.default):
+            return f"{text} (default: none)".strip()
+        value = ",".join(map(str, action.default)) if isinstance(action.default, (tuple, list)) else action.default
+        return f"{text} (default: {value})".strip()
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,26 +99,34 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)} (default fashion-mnist)")
     g.add_argument("--data-dir", default=None, help="directory with the dataset's files (default: $SPARSETRAIN_DATA, "
                    "/usr/share/datasets/NAME, else download)")
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--epochs", type=int, default=20, help="epochs (an integer > 0)")
+    g.add_argument("--batch-size", type=int, default=128, help="batch size (an integer > 0)")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--schedule", default="cosine", help=f"learning-rate schedule: {', '.join(SCHEDULES)}")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 weight decay (>= 0; AdaBreg: decoupled, as AdamW) (default: 0)")
+    g.add_argument("--schedule", default="cosine", help=f"learning-rate schedule, one of: {', '.join(SCHEDULES)}")
     g.add_argument("--milestones", type=_parse_fractions, default=(0.5, 0.75), metavar="F,F,...",
                    help="step schedule: fractions of training where the lr is multiplied by --gamma (default 0.5,0.75)")
     g.add_argument("--gamma", type=float, default=0.1, help="step/plateau schedule: lr factor (default 0.1)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed (an integer) (default: 0)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--out", default=None, help="run directory (config, metrics, checkpoint, summary)")
+    g.add_argument("--pattern", default=None, metavar="N:M",
+                   help="N:M structured sparsity (2:4 runs faster on NVIDIA GPUs): pruning methods prune in "
+                        "blocks of M along the input dimension, the others end with the exact N:M projection")
+    g.add_argument("--precision", default="fp32",
+                   help="fp32 | bf16 | fp16: autocast dtype of the forward pass (fp16 with a gradient scaler; "
+                        "weights and optimizer state stay fp32)")
+    g.add_argument("--out", default=None, help="run directory (config, metrics, checkpoint, summary; default: none, nothing written)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
                    "every setting must equal the saved run's (refused otherwise) except --epochs (a larger value "
                    "extends the run), --device, --threads and --no-progress")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads of the run (default: torch's count; recorded in config.json and reused by "
                         "--resume: results are bit-identical for the same count)")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="seeded validation split of the training set")
-    g.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples")
-    g.add_argument("--test-subset", type=int, default=None, help="use only the first N test samples")
+    g.add_argument("--val-fraction", type=float, default=0.0,
+                   help="seeded validation split of the training set, in [0, 1) (default: 0)")
+    g.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples (default: all)")
+    g.add_argument("--test-subset", type=int, default=None, help="use only the first N test samples (default: all)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")
     g.add_argument("--json", action="store_true", help="print the summary as JSON")
     m = p.add_argument_group("method options (each applies to the methods named in its help)")
@@ -91,7 +134,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         users = [k for k, meth in sorted(METHODS.items()) if any(o.name == name for o in meth.options)]
         kwargs = {"type": opt.type} if opt.type is not bool else {"type": _parse_bool}
         m.add_argument(opt.flag, dest=f"opt_{name}", default=None, metavar=opt.type.__name__.upper(),
-                       help=f"{opt.help} [{', '.join(users)}]", **kwargs)
+                       help=f"{opt.help} [{', '.join(users)}]; {_option_facts(name, users)}", **kwargs)
+
+
+def _option_facts(name: str, users: list[str]) -> str:
+    """``allowed: ...; default: ...`` of a method option (per method where the defaults differ)."""
+    from .methods import METHODS
+    opts = {k: next(o for o in METHODS[k].options if o.name == name) for k in users}
+    first = next(iter(opts.values()))
+    allowed = ", ".join(map(str, first.choices)) if first.choices else (
+        first.allowed or ("true or false" if first.type is bool else "a string" if first.type is str else "a number"))
+    shown = {k: ("none" if o.default is None else repr(o.default) if o.default == "" else o.default)
+             for k, o in opts.items()}
+    values = set(map(str, shown.values()))
+    default = str(next(iter(shown.values()))) if len(values) == 1 else ", ".join(f"{k} {v}" for k, v in shown.items())
+    return f"allowed: {allowed}; default: {default}"
 
 
 def _parse_fractions(text: str) -> tuple[float, ...]:
@@ -192,7 +249,7 @@ def load_config_file(path: str) -> tuple[dict, dict]:
     values, opts = {}, {}
 
     def unknown(key):
-        return UsageError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+        return UsageError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}{did_you_mean(key, allowed)}")
 
     items = [(str(k).replace("-", "_"), v) for k, v in raw.items()]
     nested = [(k, v) for k, v in items if k == "options"]
@@ -242,6 +299,10 @@ def cmd_train(args) -> int:
 def cmd_inspect(args) -> int:
     from .metrics import format_table
     run = Path(args.run_dir)
+    if run.is_file():                                   # an export file written by `sparsetrain export`
+        from .export import print_export_info
+        print_export_info(run)
+        return 0
     path = run / "summary.json"
     if not path.is_file():
         raise UsageError(f"inspect: {run} has no summary.json (allowed: a finished run directory written by train)")
@@ -267,18 +328,27 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class _RawEpilogHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults as in :class:`_HelpFormatter`, description and epilog printed as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    p = _Parser(prog="sparsetrain", description="Train sparse neural networks by optimization.")
+    p = _Parser(prog="sparsetrain", description="Train sparse neural networks by optimization.",
+                formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"sparsetrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
         if name == "train":
             add_train_arguments(sp)
+            from .methods.base import model_defaults_text
+            sp.formatter_class = _RawEpilogHelpFormatter      # the defaults table keeps its lines
+            sp.epilog = ("per-model defaults (measured on Fashion-MNIST; they replace the method's default "
+                         "for that model unless the flag is given):\n" + model_defaults_text())
             sp.set_defaults(func=cmd_train)
         elif name == "inspect":
-            sp.add_argument("run_dir", help="a run directory written by `sparsetrain train`")
+            sp.add_argument("run_dir", help="a run directory written by `sparsetrain train`, or an export file")
             sp.set_defaults(func=cmd_inspect)
         else:
             try:
@@ -324,7 +394,7 @@ def _main(argv: list[str] | None) -> int:
         if not getattr(e, "quiet", False):           # quiet: another rank reports the same error
             print(f"sparsetrain: error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, DeadNetworkError) as e:
         if not getattr(e, "quiet", False):
             print(f"sparsetrain: error: {e}", file=sys.stderr)
         return 3

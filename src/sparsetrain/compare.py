@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
+from .liveness import DeadNetworkError
 
 __all__ = ["compare", "render_report", "configure_parser", "run_cli"]
 
@@ -53,7 +54,8 @@ PER_METHOD_FIELDS = {"lr": float, "weight_decay": float, "schedule": str}
 _SAME = ("method", "model", "data", "epochs", "batch_size", "lr", "weight_decay", "schedule", "seed",
          "train_subset", "test_subset", "options")
 _STANDARD = {"method", "model", "data", "epochs", "test_accuracy", "test_loss", "sparsity", "density",
-             "compression_ratio", "weights", "nonzeros", "per_layer", "flops", "wall_seconds", "options"}
+             "compression_ratio", "weights", "nonzeros", "per_layer", "flops", "wall_seconds", "options",
+             "epoch_seconds", "precision"}
 
 
 # ============================================================================ input checking
@@ -89,7 +91,8 @@ def parse_methods(text) -> list[str]:
         if not m:
             continue
         if m not in METHODS:
-            raise UsageError(f"--methods: unknown method {m!r}; allowed: {', '.join(sorted(METHODS))}")
+            raise UsageError(f"--methods: unknown method {m!r}; allowed: {', '.join(sorted(METHODS))}"
+                             f"{did_you_mean(m, METHODS)}")
         if m not in out:
             out.append(m)
     if not out:
@@ -217,7 +220,7 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
             epochs: int = 20, seeds: int = 3, out, batch_size: int = 128, lr: float | None = None,
             data_dir: str | None = None, device: str = "auto", train_subset: int | None = None,
             test_subset: int | None = None, overrides=None, progress: bool = False, plots: bool = True,
-            log: Callable[[str], None] | None = None) -> dict:
+            precision: str = "fp32", log: Callable[[str], None] | None = None) -> dict:
     """Train every method at every target sparsity for ``seeds`` seeds (0 … seeds−1) into
     ``out/runs/``, write ``results.json``, ``results.md``, ``pareto.png``, ``layers.png`` and return
     the results (the content of results.json, plus ``executed``/``skipped``: the run names trained
@@ -248,7 +251,8 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
         raise UsageError("--out: required; allowed: a directory for the runs and the results")
     overrides = parse_overrides(overrides, methods)
     base = dict(model=model, data=data, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr,
-                device=device, train_subset=train_subset, test_subset=test_subset, progress=progress)
+                device=device, train_subset=train_subset, test_subset=test_subset, progress=progress,
+                precision=precision)
     plan = _plan(methods, sparsities, seeds, base, overrides)
     for run in plan:                               # every flag and option, before anything runs
         run["expected"] = _expected(run["cfg"])
@@ -258,7 +262,7 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
     _prepare_out(out)
     settings = {"methods": methods, "sparsities": sparsities, "model": model, "data": data, "epochs": epochs,
                 "seeds": seeds, "batch_size": batch_size, "lr": lr, "train_subset": train_subset,
-                "test_subset": test_subset, "overrides": overrides}
+                "test_subset": test_subset, "overrides": overrides, "precision": precision}
     for run in plan:                              # reuse needs the same settings: check all first
         d = out / "runs" / run["name"]
         if (d / "summary.json").is_file() or (d / "checkpoint.pt").is_file():
@@ -286,10 +290,10 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
         t0 = time.perf_counter()
         try:
             summary = Trainer(cfg).run()
-        except FloatingPointError as e:
+        except (FloatingPointError, DeadNetworkError) as e:
             failed.append({"name": run["name"], "method": run["method"], "target": run["target"],
                            "seed": run["seed"], "dir": str(d.relative_to(out)), "error": str(e)})
-            log(f"{label}: diverged: {e}")
+            log(f"{label}: {'dead' if isinstance(e, DeadNetworkError) else 'diverged'}: {e}")
             _write_results(out, settings, rows, failed, complete=False)
             continue
         executed.append(run["name"])
@@ -330,6 +334,7 @@ def _row(run: dict, summary: dict, run_dir: Path, out: Path) -> dict:
             "test_loss": summary.get("test_loss"), "sparsity": summary["sparsity"], "density": summary["density"],
             "compression_ratio": summary.get("compression_ratio"),
             "epochs": summary.get("epochs", run["cfg"].epochs), "wall_seconds": summary.get("wall_seconds"),
+            "epoch_seconds": summary.get("epoch_seconds"),
             "flops_relative": (summary.get("flops") or {}).get("relative"),
             "target_met": summary.get("target_met"),
             "per_layer": [{"layer": r["layer"], "shape": r.get("shape"), "numel": r["numel"], "nnz": r["nnz"],
@@ -361,6 +366,7 @@ def aggregate(rows: list[dict], settings: dict) -> list[dict]:
         sp, sp_std = _mean_std([r["sparsity"] for r in rs])
         de, de_std = _mean_std([r["density"] for r in rs])
         wall, _ = _mean_std([r.get("wall_seconds") for r in rs])
+        epoch_s, _ = _mean_std([r.get("epoch_seconds") for r in rs])
         layers: dict[str, list[float]] = {}
         shapes: dict[str, Any] = {}
         for r in rs:
@@ -375,8 +381,13 @@ def aggregate(rows: list[dict], settings: dict) -> list[dict]:
                     "sparsity_mean": sp, "sparsity_std": sp_std, "density_mean": de, "density_std": de_std,
                     "epochs": max(r["epochs"] for r in rs), "wall_seconds_mean": wall,
                     "wall_seconds_total": sum(r.get("wall_seconds") or 0.0 for r in rs),
+                    "epoch_seconds_mean": epoch_s,
                     "per_layer_density": [{"layer": k, "shape": shapes[k], "density": sum(v) / len(v)}
                                           for k, v in layers.items()]})
+    ref = next((a for a in out if a["reference"] and a["method"] == "dense"), None)
+    for a in out:   # training time of an epoch relative to dense (None without a dense reference)
+        ok = ref is not None and all(not math.isnan(x) for x in (a["epoch_seconds_mean"], ref["epoch_seconds_mean"]))
+        a["epoch_time_vs_dense"] = a["epoch_seconds_mean"] / ref["epoch_seconds_mean"] if ok else None
     return out
 
 
@@ -413,7 +424,8 @@ def markdown(results: dict) -> str:
     subset = "".join(f", {k.replace('_', ' ')} {s[k]}" for k in ("train_subset", "test_subset") if s.get(k))
     lines.append(f"Budget {epochs} epochs per run (methods that train longer by design show their real count), "
                  f"{seeds} seed{'s' if seeds != 1 else ''} per cell, batch size {s.get('batch_size')}{subset}. "
-                 f"Test accuracy: mean ± sample std over seeds. Wall time: training time per run (mean).")
+                 f"Test accuracy: mean ± sample std over seeds. Wall time: training time per run (mean). "
+                 f"Epoch: median training time of an epoch, × dense (precision {s.get('precision', 'fp32')}).")
     if s.get("overrides"):
         lines.append("Overrides: " + "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in o.items())
                                              for m, o in s["overrides"].items()) + ".")
@@ -422,8 +434,8 @@ def markdown(results: dict) -> str:
                   for m in s.get("methods", []))
     if not results.get("complete", True) or (planned and total < planned):
         lines.append(f"**Partial results: {total} of {planned} runs finished.**")
-    lines += ["", "| method | target | achieved sparsity (%) | test accuracy (%) | Δ vs dense | epochs | wall time / run |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| method | target | achieved sparsity (%) | test accuracy (%) | Δ vs dense | epochs | wall time / run "
+                  "| epoch (× dense) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     ref = next((a for a in aggs if a["reference"] and a["method"] == "dense"),
                next((a for a in aggs if a["reference"]), None))
 
@@ -440,7 +452,10 @@ def markdown(results: dict) -> str:
         target = "—" if a["target"] is None else f"{100 * a['target']:g}"
         name = a["method"] + (" (reference)" if a["reference"] else "")
         achieved = _pct(a['sparsity_mean']) + (" ⚠ missed" if a.get("target_met") is False else "")
-        return f"| {name} | {target} | {achieved} | {acc} | {delta} | {ep} | {wall} |"
+        epoch_s, rel = a.get("epoch_seconds_mean"), a.get("epoch_time_vs_dense")
+        epoch = "—" if epoch_s is None or math.isnan(epoch_s) else f"{epoch_s:.2f} s" + (
+            f" ({rel:.2f}×)" if rel is not None else "")
+        return f"| {name} | {target} | {achieved} | {acc} | {delta} | {ep} | {wall} | {epoch} |"
 
     for a in sorted(aggs, key=lambda a: (not a["reference"], -1 if a["target"] is None else a["target"])):
         lines.append(cell(a))
@@ -569,11 +584,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "--levels × this and says so)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per cell: 0 … N−1 (default 3)")
     p.add_argument("--out", default=None, help="directory for runs/, results.json, results.md and the plots")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="batch size of every run (an integer > 0)")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: each "
                    "method's own; per method: --set METHOD.lr=X)")
     p.add_argument("--data-dir", default=None, help="directory with the dataset's files")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (see `sparsetrain train --help`)")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples")
     p.add_argument("--test-subset", type=int, default=None, help="use only the first N test samples")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.OPTION=VALUE",
@@ -600,7 +616,8 @@ def run_cli(args) -> int:
         results = compare(args.methods, args.sparsity, model=args.model, data=args.data, epochs=args.epochs,
                           seeds=args.seeds, out=args.out, batch_size=args.batch_size, lr=args.lr,
                           data_dir=args.data_dir, device=args.device, train_subset=args.train_subset,
-                          test_subset=args.test_subset, overrides=args.overrides, progress=args.progress)
+                          test_subset=args.test_subset, overrides=args.overrides, progress=args.progress,
+                          precision=args.precision)
     except KeyboardInterrupt:
         print("sparsetrain: compare interrupted; finished runs are kept: run the same command again to "
               "continue (finished runs are skipped, the interrupted one resumes)", file=sys.stderr)

@@ -6,8 +6,16 @@ the requested d_T = 1 − sparsity:
 
     density*(t) = d_T + (d₀ − d_T)·(1 − t / (ramp·T))³   for t < ramp·T,   d_T afterwards.
 
+**Budgets** (``distribution``): ``"global"`` steers one λ shared by every regularized layer
+towards the overall density (ℓ1 then decides which layers keep their weights — on LeNet-300-100
+it starves the small classifier); ``"uniform"`` / ``"erk"`` give every regularized layer its own
+λ and its own final density d_T,l (the same in every layer, or the Erdős–Rényi-kernel densities
+of RigL, see :func:`sparsetrain.pruning.layer_densities`), each followed on its own cubic ramp.
+Layer budgets need one param group per layer with its own regularizer object
+(``param_groups(model, lambda *a: L1(lam))`` makes that).
+
 :class:`SparsityController` (ProxSGD, xRDA, gRDA — methods that start dense and *remove*
-weights): every ``every`` steps it multiplies the optimizer's λ (``opt.scale_lam``) by
+weights): every ``every`` steps it multiplies a budget's λ (``opt.scale_lam``) by
 ``exp(clip(gain · log(density / density*(t)), −c, c))``, where the cap c (at most
 log max_factor) halves whenever the error changes sign and grows back by 20 % while it does not.
 
@@ -16,9 +24,13 @@ log max_factor) halves whenever the error changes sign and grows back by 20 % wh
 subgradient v crosses the threshold λ (``|v| > λ`` for ℓ1, ``‖v_g‖ > λ√n_g`` for a group), so
 λ can be *computed*: every ``every`` steps it is set so that exactly the entries the budget
 ``density*(t)`` allows — those with the largest ``|v|/λ`` — are admitted, and so that none are
-admitted while the network is at its budget. The groups are switched to ``inactive="keep"``: on
-a change of λ the subgradient is re-initialised from the current weights where they are
-nonzero (no jump) and zero entries keep their accumulated v.
+admitted while the network is at its budget. When fewer candidates carry evidence (|v| > 0)
+than the budget allows, λ is not lowered past them (it never collapses to 0) and the rest are
+grown by gradient magnitude, as RigL grows: for ℓ1, the zero entries with the largest |∂L/∂w|
+get v = −sign(∂L/∂w)·λ(1 + 10⁻³), i.e. they enter at ≈ 0 and move along −∂L/∂w.
+The groups are switched to ``inactive="keep"``: on a change of λ the subgradient is
+re-initialised from the current weights where they are nonzero (no jump) and zero entries keep
+their accumulated v.
 """
 from __future__ import annotations
 
@@ -27,18 +39,37 @@ import math
 import torch
 from torch import nn
 
-from .errors import UsageError, check
-from .metrics import density
+from .errors import UsageError, check, choice
 from .optim import BregmanOptimizer
 from .params import prunable_weights
+from .regularizers import L1
 
+DISTRIBUTIONS = ("global", "uniform", "erk")
+GROW_MARGIN = 1e-3
 START_TOLERANCE = 0.005     # a BudgetController's start may exceed the target density by this much
 
+
+class _Budget:
+    """One λ and the weights it governs: ``groups`` (param-group indices whose λ moves together),
+    ``params`` (the tensors counted), the final density ``target`` and the controller state."""
+
+    def __init__(self, groups: list[int], params: list[torch.Tensor], target: float):
+        self.groups, self.params, self.target = groups, params, target
+        self.numel = sum(p.numel() for p in params)
+        self.start: float | None = None
+        self.cap: float | None = None
+        self.last_err = 0.0
+        self.last_v: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def density(self) -> float:
+        nz = sum(int(torch.count_nonzero(p)) for p in self.params)
+        return nz / max(self.numel, 1)
 
 class SparsityController:
     def __init__(self, optimizer, model: nn.Module, sparsity: float, total_steps: int, *,
                  every: int = 5, ramp: float = 0.75, gain: float = 1.0, max_factor: float = 2.0,
-                 min_lam: float = 1e-12):
+                 min_lam: float = 1e-12, distribution: str = "global"):
         check(0 <= sparsity < 1, "--sparsity", "in [0, 1)", sparsity)
         check(0 < ramp <= 1, "ramp", "in (0, 1]", ramp)
         if isinstance(optimizer, BregmanOptimizer) and not isinstance(self, BudgetController):
@@ -49,77 +80,134 @@ class SparsityController:
         self.target = 1.0 - sparsity
         self.total_steps, self.every, self.ramp = max(1, total_steps), every, ramp
         self.gain, self.max_factor, self.min_lam = gain, max_factor, min_lam
-        self.start_density: float | None = None
+        self.distribution = choice(distribution, "--distribution", DISTRIBUTIONS)
+        self.budgets = self._make_budgets(sparsity)
         self.trajectory: list[tuple[int, float, float]] = []   # (step, λ, density)
-        self._cap, self._last_err = math.log(max_factor), 0.0
 
-    def target_density(self, step: int) -> float:
-        d0 = self.start_density if self.start_density is not None else self.target
+    # ---------------------------------------------------------------- budgets
+    def _make_budgets(self, sparsity: float) -> list[_Budget]:
+        weights = prunable_weights(self.model)
+        regularized = [i for i, g in enumerate(self.optimizer.param_groups) if self._is_regularized(g)]
+        if self.distribution == "global":   # one λ; the density of every Linear/Conv weight
+            return [_Budget(regularized, [w for _, w in weights], self.target)]
+        from .pruning import layer_densities                # lazy: pruning imports the metrics
+        names = {id(w): n for n, w in weights}
+        budgets, seen_regs = [], set()
+        for i in regularized:
+            g = self.optimizer.param_groups[i]
+            # λ lives in the group (lam_key) or in its regularizer, which groups may share
+            reg_id = i if getattr(self.optimizer, "lam_key", None) else id(g.get("reg"))
+            if len(g["params"]) != 1 or id(g["params"][0]) not in names or reg_id in seen_regs:
+                raise UsageError(f"--distribution: {self.distribution} budgets need one param group per "
+                                 f"Linear/Conv weight with its own regularizer; allowed: global for these groups")
+            seen_regs.add(reg_id)
+            budgets.append(_Budget([i], g["params"], 0.0))
+        own = {id(b.params[0]) for b in budgets}
+        shapes = {n: w.shape for n, w in weights if w.numel()}
+        dens = layer_densities(shapes, sparsity, self.distribution,
+                               dense=[n for n, w in weights if id(w) not in own and w.numel()])
+        for b in budgets:
+            b.target = dens.get(names[id(b.params[0])], 1.0)
+        return budgets
+
+    def _is_regularized(self, g: dict) -> bool:
+        fn = getattr(self.optimizer, "is_regularized", None)
+        return fn(g) if fn is not None else g.get("reg") is not None
+
+    @property
+    def start_density(self) -> float | None:
+        return self.budgets[0].start if self.budgets else None
+
+    @start_density.setter
+    def start_density(self, value: float | None) -> None:
+        for b in self.budgets:
+            b.start = value
+
+    def target_density(self, step: int, budget: _Budget | None = None) -> float:
+        b = budget or self.budgets[0]
+        d0 = b.start if b.start is not None else b.target
         t = min(1.0, step / (self.ramp * self.total_steps))
-        return self.target + (d0 - self.target) * (1.0 - t) ** 3
+        return b.target + (d0 - b.target) * (1.0 - t) ** 3
 
     def lam(self) -> float:
         """The largest λ over the regularized groups (what the log shows)."""
         lams = [x for x in self.optimizer.get_lam() if x is not None]
         return max(lams) if lams else 0.0
 
+    def _budget_lam(self, b: _Budget) -> float:
+        lams = self.optimizer.get_lam()
+        return max((lams[i] for i in b.groups if lams[i] is not None), default=0.0)
+
+    def _scale(self, b: _Budget, factor: float) -> None:
+        if self.distribution == "global":
+            self.optimizer.scale_lam(factor)
+        else:
+            self.optimizer.scale_lam(factor, groups=b.groups)
+
+    def _set(self, b: _Budget, value: float) -> None:
+        if self.distribution == "global":
+            self.optimizer.set_lam(value)
+        else:
+            self.optimizer.set_lam([value if i in b.groups else None for i in range(len(self.optimizer.param_groups))])
+
+    # ---------------------------------------------------------------- control
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Call after every optimizer step; acts every ``every`` steps."""
         if step % self.every:
             return
-        d = density(self.model)
-        if self.start_density is None:
-            self.start_density = d
-        self._adjust(step, d)
+        for b in self.budgets:
+            d = b.density()
+            if b.start is None:
+                b.start = d
+            self._adjust(step, d, b)
         if step % (self.every * 20) == 0:
-            self.trajectory.append((step, self.lam(), d))
+            total = sum(b.numel for b in self.budgets) or 1
+            self.trajectory.append((step, self.lam(), sum(b.density() * b.numel for b in self.budgets) / total))
 
-    def _adjust(self, step: int, d: float) -> None:
-        err = math.log(max(d, 1e-9) / max(self.target_density(step), 1e-9))
+    def _adjust(self, step: int, d: float, b: _Budget) -> None:
+        err = math.log(max(d, 1e-9) / max(self.target_density(step, b), 1e-9))
         # Rprop-style step cap (log space): shrink it when the error changes sign (the density
         # can respond steeply to λ), let it grow back while the sign holds
-        if err * self._last_err < 0:
-            self._cap = max(1e-3, self._cap * 0.5)
+        top = math.log(self.max_factor)
+        cap = top if b.cap is None else b.cap
+        if err * b.last_err < 0:
+            cap = max(1e-3, cap * 0.5)
         elif err != 0:
-            self._cap = min(math.log(self.max_factor), self._cap * 1.2)
-        self._last_err = err
-        factor = math.exp(max(-self._cap, min(self._cap, self.gain * err)))
-        if self.lam() * factor < self.min_lam:       # λ = 0 stays 0 under scaling: restart it
-            self.optimizer.set_lam(self.min_lam)
+            cap = min(top, cap * 1.2)
+        b.cap, b.last_err = cap, err
+        factor = math.exp(max(-cap, min(cap, self.gain * err)))
+        if self._budget_lam(b) * factor < self.min_lam:       # λ = 0 stays 0 under scaling: restart it
+            self._set(b, self.min_lam)
         elif factor != 1.0:
-            self.optimizer.scale_lam(factor)
+            self._scale(b, factor)
 
+    # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
-        return {"start_density": self.start_density, "trajectory": [list(t) for t in self.trajectory],
-                "cap": self._cap, "last_err": self._last_err}
+        return {"trajectory": [list(t) for t in self.trajectory],
+                "budgets": [{"start": b.start, "cap": b.cap, "last_err": b.last_err, "last_v": list(b.last_v)}
+                            for b in self.budgets]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.start_density = state.get("start_density")
         self.trajectory = [tuple(t) for t in state.get("trajectory", [])]
-        self._cap, self._last_err = state.get("cap", self._cap), state.get("last_err", 0.0)
+        for b, s in zip(self.budgets, state.get("budgets", [])):
+            b.start, b.cap, b.last_err = s.get("start"), s.get("cap"), s.get("last_err", 0.0)
+            b.last_v = list(s.get("last_v", []))
 
 
 class BudgetController(SparsityController):
     """λ computed from the Bregman subgradients so the density follows its budget exactly."""
 
     def __init__(self, optimizer, model: nn.Module, sparsity: float, total_steps: int, *,
-                 every: int = 5, ramp: float = 0.75, margin: float = 1.05, start_lam: float = 1.0):
-        super().__init__(optimizer, model, sparsity, total_steps, every=every, ramp=ramp)
+                 every: int = 5, ramp: float = 0.75, margin: float = 1.05, start_lam: float = 1.0,
+                 distribution: str = "global"):
+        super().__init__(optimizer, model, sparsity, total_steps, every=every, ramp=ramp,
+                         distribution=distribution)
         self.margin = margin
-        self._last: list[torch.Tensor] = []
-        self.total = sum(w.numel() for _, w in prunable_weights(model))
         for g in optimizer.param_groups:
             g["inactive"] = "keep"
         # start high, so that nothing is admitted before the first budget update computes λ
         optimizer.scale_lam(max(1.0, start_lam / max(self.lam(), 1e-12)))
-
-    def state_dict(self) -> dict:   # the v snapshots drive the look-ahead: a resume needs them
-        return {**super().state_dict(), "last_v": list(self._last)}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self._last = list(state.get("last_v", []))
 
     @staticmethod
     def supports(optimizer) -> bool:
@@ -127,48 +215,82 @@ class BudgetController(SparsityController):
         regs = [g.get("reg") for g in optimizer.param_groups if g.get("reg") is not None]
         return bool(regs) and all(r.activation(torch.ones(1, 1)) is not None for r in regs)
 
-    def _scores(self) -> torch.Tensor:
-        """|v|/λ (or the group analogue) of every zero entry of the regularized weights, with v
-        extrapolated over the next ``every`` steps from its change since the last update (Adam-
-        type steps move all candidates at once, so the admission must look ahead)."""
+    def _candidates(self, b: _Budget):
+        """Per regularized tensor of budget ``b``: (param, group, zero mask, |v|/λ of its zero
+        entries with v extrapolated over the next ``every`` steps from its change since the last
+        update — Adam-type steps move all candidates at once, so the admission must look ahead)."""
         out, last = [], []
         i = 0
-        for g in self.optimizer.param_groups:
-            reg = g.get("reg")
-            if reg is None:
-                continue
+        for gi in b.groups:
+            g = self.optimizer.param_groups[gi]
             for p in g["params"]:
                 v = self.optimizer.state.get(p, {}).get("v")
                 if v is None:
                     continue
-                prev = self._last[i] if i < len(self._last) and self._last[i].shape == v.shape else v
-                out.append(reg.activation(2 * v - prev)[p == 0])
+                prev = b.last_v[i] if i < len(b.last_v) and b.last_v[i].shape == v.shape else v
+                zero = p == 0
+                out.append((p, g, zero, g["reg"].activation(2 * v - prev)[zero]))
                 last.append(v.clone())
                 i += 1
-        self._last = last
-        return torch.cat(out) if out else torch.zeros(0)
+        b.last_v = last
+        return out
 
-    def _adjust(self, step: int, d: float) -> None:
-        if self.start_density > self.target + START_TOLERANCE:
-            raise UsageError(f"BudgetController: the network starts at density {self.start_density:.4f}, "
-                             f"denser than the target {self.target:.4f}; Bregman iterations only add weights, "
+    def _adjust(self, step: int, d: float, b: _Budget) -> None:
+        if b.start > b.target + START_TOLERANCE:
+            raise UsageError(f"BudgetController: the network starts at density {b.start:.4f}, "
+                             f"denser than the target {b.target:.4f}; Bregman iterations only add weights, "
                              f"so it cannot come down to it; allowed: a sparse start (sparse_init_ with a "
-                             f"density <= {self.target:g})")
-        scores = self._scores()
+                             f"density <= {b.target:g})")
+        cands = self._candidates(b)
+        if not cands:
+            return
+        scores = torch.cat([c[3].flatten() for c in cands])
         if scores.numel() == 0:
             return
-        need = int(round(self.target_density(step) * self.total)) - int(round(d * self.total))
+        need = int(round(self.target_density(step, b) * b.numel)) - int(round(d * b.numel))
         if need > 0:   # admit the `need` strongest candidates: factor between k-th and (k+1)-th score
             k = min(need, scores.numel())
             top = torch.topk(scores, min(k + 1, scores.numel())).values
-            if k < top.numel() and top[k - 1] > top[k]:
-                factor = float(top[k - 1] + top[k]) / 2
-            else:  # a tie at the boundary (Adam-type steps), or fewer candidates than allowed
-                factor = float(top[k - 1]) * (1 - 1e-6)
+            if top[k - 1] <= 0:          # fewer candidates with evidence than the budget allows
+                positive = top[top > 0]
+                factor = float(positive[-1]) * (1 - 1e-6) if positive.numel() else 1.0
+                missing = k - positive.numel()
+            else:
+                missing = 0
+                if k < top.numel() and top[k - 1] > top[k]:
+                    factor = float(top[k - 1] + top[k]) / 2
+                else:  # a tie at the boundary (Adam-type steps), or fewer candidates than allowed
+                    factor = float(top[k - 1]) * (1 - 1e-6)
             # λ falls at most by max_factor per update: candidates that only start to receive
             # gradients (newly connected units) must not all be let in at once
             factor = max(factor, 1.0 / self.max_factor)
         else:          # at the budget: nobody new until the next update
-            factor = max(1.0, float(scores.max()) * self.margin)
+            factor, missing = max(1.0, float(scores.max()) * self.margin), 0
         if factor > 0 and factor != 1.0:
-            self.optimizer.scale_lam(factor)
+            self._scale(b, factor)
+        if missing > 0:
+            self._grow_by_gradient(cands, missing)
+
+    @torch.no_grad()
+    def _grow_by_gradient(self, cands, count: int) -> None:
+        """Admit ``count`` zero ℓ1 entries without evidence (v = 0) by gradient magnitude."""
+        pool = []
+        for p, g, zero, _ in cands:
+            reg, v = g["reg"], self.optimizer.state[p]["v"]
+            if p.grad is None or not isinstance(reg, L1):
+                continue
+            free = zero & (v == 0)
+            pool.append((p, g, free, p.grad.abs() * free))
+        if not pool:
+            return
+        flat = torch.cat([s.flatten() for *_, s in pool])
+        k = min(count, int(torch.count_nonzero(flat)))
+        if k == 0:
+            return
+        cut = torch.topk(flat, k).values[-1]
+        for p, g, free, s in pool:
+            pick = (s >= cut) & (s > 0)
+            if pick.any():
+                lam = float(g["reg"].lam)
+                v = self.optimizer.state[p]["v"]
+                v[pick] = -torch.sign(p.grad[pick]) * lam * (1 + GROW_MARGIN)

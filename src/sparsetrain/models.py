@@ -6,7 +6,7 @@ mlp-bregman    MLP 784-200-80-10 (Bregman learning paper, MNIST)
 lenet5         conv(6,5)-pool-conv(16,5)-pool-fc120-fc84-fc10 (ReLU, max-pool)
 convnet        Bregman Fashion-MNIST ConvNet: conv(1→64,5)-pool-ReLU-conv(64→64,5)-pool-ReLU-
                fc(1024→128)-ReLU-fc(128→10)
-vgg16          VGG-16 with BatchNorm for 32×32 inputs (HALO paper)
+vgg16          VGG-16 with BatchNorm for 32×32 inputs (HALO paper; smaller inputs are padded)
 resnet18       ResNet-18 for CIFAR (3×3 stem, no max-pool; Bregman paper)
 resnet20/56    the CIFAR ResNets of He et al. (3 stages of 16/32/64 channels; xRDA paper)
 =============  ==========================================================================
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -53,13 +53,17 @@ _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 
 
 def vgg16(in_shape, num_classes) -> nn.Sequential:
+    """VGG-16-bn; five 2× max-pools need 32 px, so smaller inputs (28×28) get the missing pixels
+    as extra zero padding of the first conv (28×28 → 32×32 feature maps)."""
     layers: list[nn.Module] = []
-    c = in_shape[0]
+    c, h, w = in_shape
+    first = (1 + max(0, -(-(32 - h) // 2)), 1 + max(0, -(-(32 - w) // 2)))
     for v in _VGG16:
         if v == "M":
             layers.append(nn.MaxPool2d(2))
         else:
-            layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            pad = first if not layers else 1
+            layers += [nn.Conv2d(c, v, 3, padding=pad, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
             c = v
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
     return nn.Sequential(*layers)
@@ -116,5 +120,26 @@ MODELS: dict[str, Callable[[tuple, int], nn.Module]] = {
 def build_model(name: str, in_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
     """A freshly initialised model ``name`` for inputs of ``in_shape`` (C, H, W)."""
     if name not in MODELS:
-        raise UsageError(f"--model: unknown model {name!r}; allowed: {', '.join(MODELS)}")
+        raise UsageError(f"--model: unknown model {name!r}; allowed: {', '.join(MODELS)}{did_you_mean(name, MODELS)}")
     return MODELS[name](tuple(in_shape), num_classes)
+
+
+@torch.no_grad()
+def check_input(model: nn.Module, in_shape, num_classes: int, device, field: str, name: str, data: str) -> None:
+    """Refuse (UsageError) a model that cannot take the data's inputs or gives the wrong number of
+    outputs, before any training: one forward pass of two zero samples in eval mode (BatchNorm
+    statistics untouched)."""
+    was = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(2, *in_shape, device=device))
+    except RuntimeError as e:
+        reason = (str(e).splitlines() or ["RuntimeError"])[0][:200]
+        raise UsageError(f"{field}: {name} cannot take {data}'s {'×'.join(map(str, in_shape))} inputs ({reason}); "
+                         f"allowed: a model for inputs of that shape") from None
+    finally:
+        model.train(was)
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"{field}: {name} returns {shape} for a batch of 2, but {data} has {num_classes} classes; "
+                         f"allowed: a model with outputs of shape (batch, {num_classes})")

@@ -35,6 +35,27 @@ def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(f"{name}.weight" if name else "weight", m.weight) for name, m in sparse_layers(model)]
 
 
+def _is_weight(module: nn.Module, p_name: str) -> bool:
+    """``weight``, or ``weight_orig`` of a layer pruned with ``torch.nn.utils.prune`` (whose
+    weight is ``weight_orig * weight_mask``: regularizing ``weight_orig`` regularizes it in full)."""
+    if p_name == "weight":
+        return True
+    from torch.nn.utils import prune
+    return any(isinstance(h, prune.BasePruningMethod) and h._tensor_name == "weight"
+               for h in module._forward_pre_hooks.values())
+
+
+def _refuse_parametrized(name: str, module: nn.Module) -> None:
+    from torch.nn.utils import parametrize
+    from .errors import UsageError
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        raise UsageError(f"model: layer {name or type(module).__name__!r} has its weight computed by "
+                         f"torch.nn.utils.parametrize ({kinds}); a regularizer on the stored tensor would not "
+                         f"act on that weight; allowed: plain weights or torch.nn.utils.prune masks "
+                         f"(call parametrize.remove_parametrizations(layer, 'weight') first)")
+
+
 RegSpec = "Regularizer | None | Callable[[str, nn.Module, nn.Parameter], Regularizer | None]"
 
 
@@ -49,6 +70,10 @@ def param_groups(model: nn.Module, reg=None, *, include: str | None = None,
     that may return different regularizers per layer (one param group is made per distinct
     regularizer object). Everything else (biases, norms, excluded layers) goes to a group with
     ``other_reg`` (None by default). ``group_options`` (lr, delta, ...) are copied into every group.
+
+    Layers pruned with ``torch.nn.utils.prune`` have ``weight_orig`` regularized (their weight is
+    ``weight_orig × weight_mask``); a layer whose weight is computed by
+    ``torch.nn.utils.parametrize`` is refused with a UsageError, never left silently unregularized.
     """
     for arg, pattern in (("include", include), ("exclude", exclude)):
         try:
@@ -60,12 +85,16 @@ def param_groups(model: nn.Module, reg=None, *, include: str | None = None,
     groups: dict[int, dict] = {}
     rest: list[nn.Parameter] = []
     for mod_name, module in unwrap(model).named_modules():
+        wname = f"{mod_name}.weight" if mod_name else "weight"
+        if (reg is not None and isinstance(module, modules) and (include is None or re.search(include, wname))
+                and (exclude is None or not re.search(exclude, wname))):
+            _refuse_parametrized(mod_name, module)
         for p_name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             chosen = None
-            if (p_name == "weight" and isinstance(module, modules)
+            if (p_name in ("weight", "weight_orig") and _is_weight(module, p_name) and isinstance(module, modules)
                     and (include is None or re.search(include, full))
                     and (exclude is None or not re.search(exclude, full))):
                 chosen = selector(full, module, p)

@@ -106,7 +106,12 @@ class HALO(nn.Module):
             lam = self.scales[0]
             return self.xi * self._inv_sq(lam) * sum(w.abs().sum() for w in ws) + \
                 self._budget(self.numel * lam.abs())
-        data = sum((w.abs() * self._inv_sq(lam)).sum() for w, lam in zip(ws, self.scales))
+        return _HALOPenalty.apply(self, *ws, *self.scales)
+
+    def reference(self) -> torch.Tensor:
+        """The ``halo`` variant's penalty as plain autograd ops, one set per layer (what the fused
+        :class:`_HALOPenalty` computes with multi-tensor kernels; kept for the tests)."""
+        data = sum((w.abs() * self._inv_sq(lam)).sum() for w, lam in zip(self._weights, self.scales))
         total = sum(lam.abs().sum() for lam in self.scales)
         return self.xi * data + self._budget(total)
 
@@ -121,6 +126,50 @@ class HALO(nn.Module):
     def extra_repr(self) -> str:
         return (f"variant={self.variant}, xi={self.xi:g}, psi={self.psi:g}, P={self.P:g}, "
                 f"squared={self.squared}, weights={self.numel}")
+
+
+class _HALOPenalty(torch.autograd.Function):
+    r"""ξ Σ |w|·q(λ) + ψ·B(Σ|λ| − P) with q(λ) = max(|λ|, m)⁻² and B(r) = |r| (or r²), over all
+    layers at once with ``torch._foreach_*`` kernels (a handful of launches instead of ~8 per layer
+    forward and backward; HALO's penalty otherwise dominated a ResNet step on a GPU). Gradients:
+
+        ∂/∂w = ξ·sign(w)·q(λ),     ∂/∂λ = −2ξ|w|·sign(λ)·|λ|⁻³·[|λ| > m] + ψ·B'(r)·sign(λ).
+    """
+
+    @staticmethod
+    def forward(ctx, halo: "HALO", *tensors):
+        n = len(tensors) // 2
+        ws, lams = list(tensors[:n]), list(tensors[n:])
+        abs_w, abs_l = torch._foreach_abs(ws), torch._foreach_abs(lams)
+        clamped = torch._foreach_clamp_min(abs_l, halo.min_scale)
+        q = torch._foreach_pow(clamped, -2.0)
+        data = torch.stack(torch._foreach_norm(torch._foreach_mul(abs_w, q), 1)).sum()
+        r = torch.stack(torch._foreach_norm(lams, 1)).sum() - halo.P
+        ctx.halo, ctx.n = halo, n
+        ctx.save_for_backward(r, *ws, *lams)
+        return halo.xi * data + halo.psi * (r * r if halo.squared else r.abs())
+
+    @staticmethod
+    def backward(ctx, g):
+        halo, n = ctx.halo, ctx.n
+        r, *saved = ctx.saved_tensors
+        ws, lams = saved[:n], saved[n:]
+        abs_l = torch._foreach_abs(lams)
+        clamped = torch._foreach_clamp_min(abs_l, halo.min_scale)
+        q = torch._foreach_pow(clamped, -2.0)
+        sign_l = torch._foreach_sign(lams)
+        grad_w = torch._foreach_mul(torch._foreach_sign(ws), q)
+        torch._foreach_mul_(grad_w, g * halo.xi)
+        # −2ξ|w|·|λ|⁻³ where |λ| > m (the clamp passes no gradient below m), then ψ·B'(r)
+        active = torch._foreach_clamp_min(torch._foreach_sign(torch._foreach_sub(abs_l, halo.min_scale)), 0.0)
+        grad_l = torch._foreach_mul(torch._foreach_abs(ws), torch._foreach_pow(clamped, -3.0))
+        torch._foreach_mul_(grad_l, active)
+        torch._foreach_mul_(grad_l, -2.0 * halo.xi)
+        budget = halo.psi * (2 * r if halo.squared else torch.sign(r))
+        torch._foreach_add_(grad_l, budget)
+        torch._foreach_mul_(grad_l, sign_l)
+        torch._foreach_mul_(grad_l, g)
+        return (None, *grad_w, *grad_l)
 
 
 def profile_constant(xi: float, psi: float) -> float:

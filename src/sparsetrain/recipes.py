@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 __all__ = ["RECIPES_DIR", "recipe_dirs", "available", "find_recipe", "load_recipe"]
 
@@ -53,7 +53,7 @@ def find_recipe(name: str) -> Path:
         if not path.is_file():
             raise UsageError(f"--recipe: {name}: no such file; allowed: {_allowed(recipes)}")
         return path
-    raise UsageError(f"--recipe: unknown recipe {name!r}; allowed: {_allowed(recipes)}")
+    raise UsageError(f"--recipe: unknown recipe {name!r}; allowed: {_allowed(recipes)}{did_you_mean(name, recipes)}")
 
 
 def _allowed(recipes: dict[str, Path]) -> str:

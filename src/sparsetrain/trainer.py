@@ -21,12 +21,14 @@ good state only. What ``--resume`` may change: :mod:`sparsetrain.resume`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,17 +40,23 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from . import metrics
+from . import metrics, nm, usermodel
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_json
 from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
 from .methods import BuildContext, Strategy, get_method
-from .models import MODELS, build_model
+from .models import MODELS, build_model, check_input
 from .resume import check_resume_config
 from .runlock import RunLock
 from . import distributed as dist
+from .liveness import DeadNetworkError, LivenessCheck
 
 SCHEDULES = ("cosine", "step", "plateau", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: autocast dtype of each --precision (parameters and optimizer state stay fp32)
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the training set is kept on the GPU when it takes at most this fraction of the free memory
+GPU_DATA_FRACTION = 0.25
 CHECKPOINT = "checkpoint.pt"
 MAX_LR = 1e30                # beyond float32 range once scaled: an overflow, not a divergence
 TARGET_TOLERANCE = 0.005     # |achieved − target sparsity| within which a target counts as met
@@ -75,20 +83,23 @@ class TrainConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     progress: bool = True
+    precision: str = "fp32"
+    pattern: str | None = None            # N:M structured sparsity, e.g. "2:4"
     threads: int | None = None            # None: torch's count at the start (recorded in config.json)
     options: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, custom_data: bool = False) -> "TrainConfig":
+    def validate(self, custom_data: bool = False, custom_model: bool = False) -> "TrainConfig":
         self._check_types()
         method = get_method(self.method)
-        choice(self.model, "--model", MODELS)
+        if not custom_model:       # a user's nn.Module: model is its class path (usermodel.py)
+            choice(self.model, "--model", MODELS)
         if not custom_data:
             choice(self.data, "--data", DATASETS)
         choice(self.schedule, "--schedule", SCHEDULES)
         check(isinstance(self.epochs, int) and self.epochs > 0, "--epochs", "an integer > 0", self.epochs)
         check(isinstance(self.batch_size, int) and self.batch_size > 0, "--batch-size", "an integer > 0", self.batch_size)
         if self.lr is None:
-            self.lr = method.lr
+            self.lr = method.default_lr(self.model)
         check(math.isfinite(self.lr) and 0 < self.lr <= MAX_LR, "--lr", f"a number > 0 and <= {MAX_LR:g} (float32 range)", self.lr)
         check(0 <= self.weight_decay < 1, "--weight-decay", ">= 0 and < 1", self.weight_decay)
         check(0 <= self.seed < 2**32, "--seed", f"an integer in [0, {2**32 - 1}]", self.seed)
@@ -102,7 +113,9 @@ class TrainConfig:
         check(self.threads is None or (isinstance(self.threads, int) and 0 < self.threads <= 4096), "--threads",
               "an integer in [1, 4096]", self.threads)
         choice(self.device if not self.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda", "mps"))
-        self.options = method.resolve(self.options)
+        choice(self.precision, "--precision", PRECISIONS)
+        nm.parse_pattern(self.pattern)
+        self.options = method.resolve(self.options, self.model)
         return self
 
     def _check_types(self) -> None:
@@ -171,15 +184,52 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
 
 
+def autocast(device: torch.device, precision: str):
+    """The forward pass's autocast context of ``--precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST[precision])
+
+
+def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Conv nets on a GPU run in channels_last (NHWC), the layout cuDNN's fast kernels use."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def to_input(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def keep_on_gpu(loaders: Loaders, device: torch.device) -> bool:
+    """Move the loaders' tensors to the GPU when they fit (≤ GPU_DATA_FRACTION of the free
+    memory; augmented loaders stay on the CPU): batches are then indexed on the device and
+    nothing is copied per step. Returns whether they were moved."""
+    if device.type != "cuda":
+        return False
+    parts = [ld for ld in (loaders.train, loaders.val, loaders.test) if ld is not None]
+    if any(getattr(ld, "augment", False) or not hasattr(ld, "x") for ld in parts):
+        return False
+    size = sum(ld.x.numel() * ld.x.element_size() + ld.y.numel() * ld.y.element_size() for ld in parts)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > GPU_DATA_FRACTION * free:
+        return False
+    for ld in parts:
+        ld.x, ld.y = ld.x.to(device), ld.y.to(device)
+    return True
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device, precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy, accuracy in [0, 1]) over ``loader``."""
     was = model.training
     model.eval()
     loss = correct = n = 0
+    channels_last = uses_channels_last(model, device)
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
+        x, y = to_input(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = model(x).float()
         loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         n += len(y)
@@ -200,9 +250,12 @@ def _progress(iterable, total, desc, enabled):
 class Trainer:
     """Runs ``cfg`` to completion; see the module docstring for the run directory."""
 
-    def __init__(self, cfg: TrainConfig, loaders: Loaders | None = None, model: nn.Module | None = None):
+    def __init__(self, cfg: TrainConfig, loaders: Loaders | None = None, model: nn.Module | None = None,
+                 model_args: dict | None = None):
+        if model is not None:
+            cfg.model = usermodel.class_path(model)
         self.threads_given = cfg.threads is not None      # else --resume takes the saved run's count
-        self.cfg = cfg.validate(custom_data=loaders is not None)
+        self.cfg = cfg.validate(custom_data=loaders is not None, custom_model=model is not None)
         if cfg.threads is None:
             cfg.threads = torch.get_num_threads()
         self.device = resolve_device(cfg.device)
@@ -213,12 +266,13 @@ class Trainer:
         if self.out is not None:   # rank 0 alone touches --out; a failure there stops every rank
             dist.agree(self._prepare_out_dir if self.is_main else None)
         try:
-            self._build(cfg, loaders, model)
+            self._build(cfg, loaders, model, model_args)
         except BaseException:
             self.release()
             raise
 
-    def _build(self, cfg: TrainConfig, loaders: Loaders | None, model: nn.Module | None) -> None:
+    def _build(self, cfg: TrainConfig, loaders: Loaders | None, model: nn.Module | None,
+               model_args: dict | None) -> None:
         seed_everything(cfg.seed)
         if loaders is None:        # every rank reads the data (on every node): agree on failures
             box = {}
@@ -229,11 +283,28 @@ class Trainer:
         self.loaders = loaders
         info = self.loaders.info
         self.in_shape = tuple(info.in_shape)
+        # a user model: model.json records how to rebuild it (class, arguments, architecture)
+        self.user_model = None
+        if model is not None:
+            entry = usermodel.record(model, model_args, info.in_shape, info.num_classes,
+                                     describe=self.out is not None and self.is_main)
+            self.user_model = entry if self.out is not None else None
         self.model = (model or build_model(cfg.model, info.in_shape, info.num_classes)).to(self.device)
         empty = [f"{n} {tuple(p.shape)}" for n, p in self.model.named_parameters() if p.numel() == 0]
         if empty:   # found now, not after training when its summary divides by its size
             raise UsageError(f"model: zero-size parameter {', '.join(empty[:3])}; allowed: layers with at least "
                              f"one weight")
+        check_input(self.model, self.in_shape, info.num_classes, self.device,
+                    "--model" if model is None else "model", cfg.model if model is None else type(model).__name__,
+                    info.name)
+        self.channels_last = uses_channels_last(self.model, self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.data_on_gpu = keep_on_gpu(self.loaders, self.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise UsageError(f"--precision: fp16 needs a CUDA device (this run is on {self.device.type}); "
+                             f"allowed here: fp32, bf16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         ctx = BuildContext(cfg, cfg.options, len(self.loaders.train), self.device, self.in_shape)
         self.strategy: Strategy = get_method(cfg.method).build(self.model, ctx)
         self.net = dist.wrap(self.model, self.device)     # DDP in a multi-process run
@@ -242,6 +313,7 @@ class Trainer:
         self.epochs = self.strategy.total_epochs(cfg.epochs)
         self.scheduler = make_scheduler(self.strategy.optimizer, cfg, len(self.loaders.train), self.epochs,
                                         "constant" if self.strategy.schedules_lr else None)
+        self.liveness = LivenessCheck(self.model)
         self.step = 0
         self.start_epoch = 0
         self.history: list[dict] = []
@@ -338,7 +410,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def evaluate(self, loader: TensorLoader | None = None) -> tuple[float, float]:
-        return evaluate(self.model, loader or self.loaders.test, self.device)
+        return evaluate(self.model, loader or self.loaders.test, self.device, self.cfg.precision)
 
     def train_epoch(self, epoch: int) -> float:
         model, strat, opt = self.net, self.strategy, self.strategy.optimizer
@@ -354,18 +426,20 @@ class Trainer:
         bar = _progress(self.loaders.train, len(self.loaders.train), f"epoch {epoch + 1}/{self.epochs}",
                         self.cfg.progress and self.is_main)
         for x, y in bar:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = to_input(x, self.device, self.channels_last), y.to(self.device, non_blocking=True)
             count = len(y)
+            with autocast(self.device, self.cfg.precision):
+                out = model(x).float()
             if multi:
                 # this rank's share of the global batch's mean loss: DDP averages gradients over
                 # ranks, which then gives the single-process step even for unequal shards
-                ce = F.cross_entropy(model(x), y, reduction="sum")
+                ce = F.cross_entropy(out, y, reduction="sum")
                 stats = dist.all_reduce_sum(torch.stack([ce.detach().double(), ce.new_tensor(count, dtype=torch.float64)]))
                 count = int(stats[1].item())
                 loss = ce * (self.world_size / count)
                 ce_value = (stats[0] / stats[1]).item()        # the global batch's loss, on every rank
             else:
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(out, y)
             extra = strat.penalty()
             full = loss if extra is None else loss + extra
             value = full.item() if not multi else ce_value + (0.0 if extra is None else extra.item())
@@ -375,10 +449,18 @@ class Trainer:
                 err.quiet = not self.is_main          # every rank stops here; rank 0 reports it
                 raise err
             opt.zero_grad(set_to_none=True)
-            full.backward()
+            self.scaler.scale(full).backward()
+            if self.scaler.is_enabled():            # fp16: true gradients for the strategy and the step
+                self.scaler.unscale_(opt)
             dist.average_gradients(outside_ddp)
+            try:
+                self.liveness.observe(self.step)
+            except DeadNetworkError as e:
+                e.quiet = not self.is_main            # every rank stops here; rank 0 reports it
+                raise
             strat.after_backward(self.step)
-            opt.step()
+            self.scaler.step(opt)                   # fp16: skipped on inf/NaN gradients
+            self.scaler.update()
             strat.after_step(self.step)
             if per_step_schedule:
                 self.scheduler.step()
@@ -410,6 +492,9 @@ class Trainer:
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "config.json", lambda: write_json(
                 self.cfg.to_dict(), self.out / "config.json"))) if self.is_main else None)
+            if self.user_model is not None:
+                dist.agree((lambda: self._write(self.out / usermodel.FILE, lambda: write_json(
+                    self.user_model, self.out / usermodel.FILE))) if self.is_main else None)
             if self.history:   # resumed: metrics.jsonl may lag the checkpoint (a kill between the two)
                 dist.agree((lambda: self._write(self.out / "metrics.jsonl", self._write_metrics))
                            if self.is_main else None)
@@ -417,6 +502,9 @@ class Trainer:
             t0 = time.perf_counter()
             lr = self.strategy.optimizer.param_groups[0]["lr"]
             train_loss = self.train_epoch(epoch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_seconds = time.perf_counter() - t0
             dist.broadcast_buffers(self.model)   # e.g. BatchNorm statistics: rank 0's, as DDP does
             self.strategy.end_epoch(epoch, self)
             test_loss, test_acc = self.evaluate()
@@ -427,7 +515,8 @@ class Trainer:
             self.wall += seconds
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "test_loss": test_loss,
                    "test_accuracy": test_acc, "sparsity": metrics.sparsity(self.model),
-                   "density": metrics.density(self.model), "seconds": round(seconds, 3), **self.strategy.log()}
+                   "density": metrics.density(self.model), "seconds": round(seconds, 3),
+                   "train_seconds": round(train_seconds, 3), **self.strategy.log()}
             if self.loaders.val is not None:
                 row["val_accuracy"] = self.evaluate(self.loaders.val)[1]
             self._check_finite(row)
@@ -467,10 +556,15 @@ class Trainer:
 
     def finish(self) -> dict:
         extras = self.strategy.finish(self)
+        pattern = nm.parse_pattern(self.cfg.pattern)
+        if pattern is not None:   # the exact N:M projection (a no-op for masks pruned in N:M blocks)
+            before = self.evaluate()[1]
+            extras = {**extras, **nm.project_(self.model, *pattern), "accuracy_before_pattern": before}
         test_loss, test_acc = self.evaluate()
         summary = {"method": self.cfg.method, "model": self.cfg.model, "data": self.cfg.data,
                    "epochs": self.epochs, "test_accuracy": test_acc, "test_loss": test_loss,
                    **metrics.summary(self.model, self.in_shape), "wall_seconds": round(self.wall, 2),
+                   "epoch_seconds": _epoch_seconds(self.history), "precision": self.cfg.precision,
                    "options": self.cfg.options, **extras}
         target = self.cfg.options.get("sparsity")
         if target is not None:   # a missed target is reported, not passed off as a result at that target
@@ -497,6 +591,14 @@ class Trainer:
                   f"({row['seconds']:.1f}s)", flush=True)
 
 
+def _epoch_seconds(history: list[dict]) -> float | None:
+    """Median training time of an epoch (without evaluation; the first epoch, which includes
+    kernel compilation and autotuning, only when it is the only one)."""
+    times = [r["train_seconds"] for r in history if "train_seconds" in r]
+    times = times[1:] if len(times) > 1 else times
+    return round(statistics.median(times), 3) if times else None
+
+
 def _to_device(obj, device: torch.device):
     """``obj`` with every tensor inside (dicts, lists, tuples) moved to ``device``."""
     if isinstance(obj, torch.Tensor):
@@ -520,13 +622,15 @@ def _flatten_tensors(prefix: str, obj, out: dict) -> None:
 
 
 def train(cfg: TrainConfig | None = None, *, loaders: Loaders | None = None, model: nn.Module | None = None,
-          train_data=None, test_data=None, **kwargs) -> dict:
+          train_data=None, test_data=None, model_args: dict | None = None, **kwargs) -> dict:
     """Train and return the summary.
 
     ``train(method="linbreg", epochs=5, sparsity=0.95, out="runs/x")`` trains on a built-in
     dataset (keywords that are not :class:`TrainConfig` fields are the method's options);
     ``train(train_data=ds_or_loader, test_data=..., model=net, method="adabreg")`` on the user's
-    own ``Dataset``/``DataLoader`` objects."""
+    own ``Dataset``/``DataLoader`` objects. With a model object the run directory records its
+    class path, ``model_args`` (its constructor's keyword arguments, if given) and its
+    architecture in ``model.json``, so that ``sparsetrain inspect`` / ``export`` work on it."""
     if isinstance(model, str):   # a model name, not a module
         kwargs["model"], model = model, None
     if cfg is None:   # keyword arguments that are no TrainConfig field are method options
@@ -538,4 +642,6 @@ def train(cfg: TrainConfig | None = None, *, loaders: Loaders | None = None, mod
             raise UsageError("test_data: required when train_data is given (a Dataset or DataLoader)")
         loaders = user_loaders(train_data, test_data, cfg.batch_size, cfg.seed)
         cfg.data = loaders.info.name
-    return Trainer(cfg, loaders, model).run()
+    if model_args is not None and model is None:
+        raise UsageError("model_args: only with model= (an nn.Module object)")
+    return Trainer(cfg, loaders, model, model_args).run()

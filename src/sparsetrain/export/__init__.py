@@ -11,11 +11,20 @@ compressed  every tensor in its smallest lossless coding: nonzero values plus a 
             indices or a one-byte gap stream (codec.py); loads back bit-for-bit
 shrunk      all-zero neurons / filters removed, their constant outputs folded into the next
             layer (shrink.py); a smaller dense ``nn.Sequential`` rebuilt from a JSON architecture
-            (arch.py) without the original class
+            (arch.py) without the original class — or, for any other torch.fx-traceable model, a
+            ``torch.fx.GraphModule`` from its JSON graph (graph.py, graph_shrink.py)
 sparse      the shrunk network with each Linear / Conv2d that runs faster as a ``torch.sparse``
             CSR product replaced by SparseLinear / SparseConv2d (sparse_modules.py), chosen per
             layer by timing both for a batch size at export time (or again at load time)
+semi-       the dense state (compressed coding) of a model whose Linear weights are 2:4 sparse
+structured  (``--pattern 2:4``); loading swaps each 2:4 Linear weight for
+            ``torch.sparse.to_sparse_semi_structured`` on a CUDA device in fp16/bf16 (NVIDIA's
+            sparse tensor cores) and keeps it dense elsewhere (semi_structured.py); the model's
+            ``semi_structured`` attribute lists what was swapped and why not
 ==========  =====================================================================================
+
+dense / compressed files of a non-Sequential model carry its graph too when it can be traced
+(else ``load_export(path, model=MyNet())``). Deployment through torch.export / ONNX: deploy.py.
 
 Python::
 
@@ -44,13 +53,15 @@ from ..errors import UsageError, check, choice
 from . import codec
 from .arch import BiasMap, Residual, canonical, from_spec, register_converter, to_spec
 from .shrink import shrink
+from .semi_structured import semi_structured_layers, to_semi_structured
 from .sparse_modules import SparseConv2d, SparseLinear, densify, sparsify
 
-FORMATS = ("dense", "compressed", "shrunk", "sparse")
+FORMATS = ("dense", "compressed", "shrunk", "sparse", "semi-structured")
 
-__all__ = ["FORMATS", "export_model", "load_export", "export_info", "load_run", "export_run",
+__all__ = ["FORMATS", "describe", "export_model", "load_export", "export_info", "print_export_info", "load_run", "export_run",
            "inspect_exports", "magnitude_prune", "shrink", "sparsify", "densify", "canonical", "to_spec",
            "from_spec", "register_converter", "SparseLinear", "SparseConv2d", "Residual", "BiasMap",
+           "to_semi_structured",
            "configure_parser", "run_cli"]
 
 
@@ -151,13 +162,14 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, mode
     meta = {"sparsetrain_format": format, "model": model_name or "",
             "in_shape": list(in_shape) if in_shape is not None else None, "num_classes": num_classes}
     extra = _weight_stats(m)
-    if format in ("dense", "compressed"):
+    if format in ("dense", "compressed", "semi-structured"):
         state = m.state_dict()
-        if type(m) is nn.Sequential:          # lets load_export rebuild it without its class or name
-            try:
-                meta["architecture"] = to_spec(m)
-            except UsageError:
-                pass
+        if format == "semi-structured":
+            extra["semi_structured_layers"] = semi_structured_layers(m)
+        try:                                   # lets load_export rebuild it without its class or name
+            meta["architecture"] = describe(m)
+        except UsageError as e:
+            extra["architecture"] = f"not stored: {e}"
     else:
         seq, report = shrink(m, in_shape)
         meta["architecture"] = to_spec(seq)
@@ -169,13 +181,48 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, mode
             extra["sparse_layers"] = layers
         state = seq.state_dict()
     meta["extra"] = extra
-    return codec.write_file(path, state, meta, compress=format in ("compressed", "sparse"))
+    return codec.write_file(path, state, meta, compress=format in ("compressed", "sparse", "semi-structured"))
+
+
+def describe(model: nn.Module) -> dict:
+    """The JSON architecture of ``model`` whose rebuilt module loads ``model``'s state dict: a plain
+    ``nn.Sequential`` of known modules as such, any other model as its torch.fx graph (graph.py).
+    A UsageError says why a model cannot be described."""
+    from .graph import same_state_keys, trace
+    if type(model) is nn.Sequential:
+        try:
+            return to_spec(model)
+        except UsageError:
+            pass
+    gm = trace(model)
+    if not same_state_keys(gm, model):
+        raise UsageError(f"model: {type(model).__name__} has parameters or buffers its forward never uses; "
+                         f"its graph would not load its state dict")
+    return to_spec(gm)
 
 
 def export_info(path: str | os.PathLike) -> dict:
     """The metadata of an export (JSON fields parsed) plus ``file_bytes``."""
     meta, _ = codec.read_file(path)
     meta["file_bytes"] = Path(path).stat().st_size
+    return meta
+
+
+def print_export_info(path: str | os.PathLike, file=None) -> dict:
+    """``sparsetrain inspect FILE``: what an export holds (format, model, weights, per-layer choices)."""
+    out = file or sys.stdout
+    meta = export_info(path)
+    extra = meta.get("extra") or {}
+    arch = meta.get("architecture") or {}
+    print(f"{path}: {meta.get('sparsetrain_format')} export, {_fmt_bytes(meta['file_bytes'])}, model "
+          f"{meta.get('model') or '-'} ({'architecture: ' + arch['type'] if arch else 'no architecture: load with model='}), "
+          f"in_shape {meta.get('in_shape')}, num_classes {meta.get('num_classes')}", file=out)
+    if "weights" in extra:
+        print(f"weights {extra['weights']:,}, nonzeros {extra['nonzeros']:,}, density {extra['density']:.4f}", file=out)
+    for row in extra.get("shrink") or []:
+        print(f"  {row['layer']:<24} units {row['units']:>6} -> {row['kept']:>6}", file=out)
+    for name, how in (meta.get("layers") or {}).items():
+        print(f"  {name:<24} {how}", file=out)
     return meta
 
 
@@ -193,16 +240,32 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batc
                 measure: bool = True) -> nn.Module:
     """Load an export written by :func:`export_model` (or ``sparsetrain export``), in eval mode.
 
+    semi-structured: loaded like dense, then every 2:4 Linear weight is swapped for its
+    semi-structured form where the GPU kernels run (see :func:`to_semi_structured`; on a CPU the
+    model stays dense). The model's ``semi_structured`` attribute holds the per-layer report; to
+    run it on a GPU, load, move it (``.cuda().half()``) and call ``to_semi_structured(model)``.
+    """
+    model = _load_export(path, model, batch_size=batch_size, measure=measure)
+    if codec.read_file(path)[0]["sparsetrain_format"] == "semi-structured":
+        model.semi_structured = to_semi_structured(model)
+    return model
+
+
+def _load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batch_size: int | None = None,
+                 measure: bool = True) -> nn.Module:
+    """The loader of every format (see :func:`load_export`).
+
     dense / compressed: into ``model`` if given, else into a fresh ``build_model(meta.model, ...)``,
     else (a Sequential exported without a library name) rebuilt from the stored architecture.
-    shrunk / sparse: an ``nn.Sequential`` rebuilt from the file's architecture (``model`` ignored).
+    shrunk / sparse: an ``nn.Sequential`` (or ``torch.fx.GraphModule``) rebuilt from the file's
+    architecture (``model`` ignored).
     sparse: the per-layer sparse/dense choice stored at export time is used, unless ``batch_size``
     is given: then both are timed again on this machine for that batch size.
     """
     meta, state = codec.read_file(path)
     fmt = meta["sparsetrain_format"]
     choice(fmt, f"export {path}: sparsetrain_format", FORMATS)
-    if fmt in ("dense", "compressed"):
+    if fmt in ("dense", "compressed", "semi-structured"):
         from ..models import MODELS, build_model
         name = meta.get("model") or ""
         if model is None and name in MODELS:
@@ -235,8 +298,12 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batc
 
 
 # ----------------------------------------------------------------------------- run directories
-def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """The trained model of a run directory (eval mode) and {model, data, in_shape, num_classes}."""
+def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """The trained model of a run directory (eval mode) and {model, data, in_shape, num_classes}.
+
+    A run of a user model (``train(model=MyNet())``) is rebuilt as :mod:`sparsetrain.usermodel`
+    describes: into ``model`` if given, else its class if imported, else its recorded architecture."""
+    from .. import usermodel
     from ..checkpoint import load_checkpoint
     from ..data import dataset_info
     from ..models import build_model
@@ -252,18 +319,24 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
         name, data = cfg["model"], cfg["data"]
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"RUN_DIR: {cfg_path} is not a sparsetrain config ({e}); {allowed}") from None
-    info = dataset_info(data)
-    model = build_model(name, info.in_shape, info.num_classes)
     ck = load_checkpoint(run / "checkpoint.pt")
     if not isinstance(ck.get("model"), dict):
         raise UsageError(f"checkpoint {run / 'checkpoint.pt'}: has no 'model' state dict")
-    _load_into(model, _bake_state(ck["model"]), f"checkpoint {run / 'checkpoint.pt'}")
+    state = _bake_state(ck["model"])
+    entry = usermodel.read(run)
+    if entry is not None:
+        in_shape, num_classes = tuple(entry["in_shape"]), int(entry["num_classes"])
+        model = usermodel.rebuild(run, entry, model, state_keys=state.keys())
+    else:
+        info = dataset_info(data)
+        in_shape, num_classes = tuple(info.in_shape), info.num_classes
+        model = model if model is not None else build_model(name, in_shape, num_classes)
+    _load_into(model, state, f"checkpoint {run / 'checkpoint.pt'}")
     bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:   # train never checkpoints such a state; an export of it would only carry NaNs along
         raise UsageError(f"checkpoint {run / 'checkpoint.pt'}: {', '.join(bad[:3])} has non-finite values; "
                          f"allowed: the checkpoint of a run that did not diverge")
-    return model.eval(), {"model": name, "data": data, "in_shape": list(info.in_shape),
-                          "num_classes": info.num_classes}
+    return model.eval(), {"model": name, "data": data, "in_shape": list(in_shape), "num_classes": num_classes}
 
 
 def _probe_shape(model: nn.Module, in_shape) -> tuple:
@@ -290,10 +363,12 @@ def load_source(path: str | os.PathLike) -> tuple[nn.Module, dict]:
                    "in_shape": meta.get("in_shape"), "num_classes": meta.get("num_classes")}
 
 
-def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike | None = None, **kwargs) -> Path:
-    """Export the model of a run directory; ``out`` defaults to ``RUN_DIR/model.FORMAT.safetensors``."""
+def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike | None = None, *,
+               model: nn.Module | None = None, **kwargs) -> Path:
+    """Export the model of a run directory; ``out`` defaults to ``RUN_DIR/model.FORMAT.safetensors``;
+    ``model``: an instance of a user model's class to load the weights into (see :func:`load_run`)."""
     choice(format, "--format", FORMATS)
-    model, info = load_run(run_dir)
+    model, info = load_run(run_dir, model)
     out = Path(out) if out is not None else Path(run_dir) / f"model.{format}.safetensors"
     return export_model(model, format, out, model_name=info["model"], in_shape=info["in_shape"],
                         num_classes=info["num_classes"], **kwargs)
@@ -354,12 +429,13 @@ def _fmt_bytes(n: int) -> str:
 
 
 def inspect_exports(run_dir: str | os.PathLike, *, batch_sizes=(1, 64), budget_s: float = 0.25,
-                    file=None) -> list[dict]:
+                    file=None, model: nn.Module | None = None) -> list[dict]:
     """Export a run in every format (to a temporary directory), reload each, and print a table of
-    file size, parameters, MACs per input and measured latency per batch size. Returns the rows."""
+    file size, parameters, MACs per input and measured latency per batch size. Returns the rows.
+    A format the model cannot take (shrunk / sparse of an untraceable model) is listed with why."""
     out = file or sys.stdout
     try:
-        model, info = load_run(run_dir)
+        model, info = load_run(run_dir, model)
     except UsageError as e:
         print(f"exports: not measured ({e})", file=out)
         return []
@@ -368,9 +444,13 @@ def inspect_exports(run_dir: str | os.PathLike, *, batch_sizes=(1, 64), budget_s
     ck = Path(run_dir) / "checkpoint.pt"
     with tempfile.TemporaryDirectory(prefix="sparsetrain-export-") as tmp:
         for fmt in FORMATS:
-            path = export_model(model, fmt, Path(tmp) / f"{fmt}.safetensors", model_name=info["model"],
-                                in_shape=in_shape, num_classes=info["num_classes"], batch_size=max(batch_sizes))
-            m = load_export(path)
+            try:
+                path = export_model(model, fmt, Path(tmp) / f"{fmt}.safetensors", model_name=info["model"],
+                                    in_shape=in_shape, num_classes=info["num_classes"], batch_size=max(batch_sizes))
+                m = load_export(path, model=copy.deepcopy(model) if fmt in ("dense", "compressed") else None)
+            except UsageError as e:
+                print(f"{fmt}: not available ({e})", file=out)
+                continue
             loaded[fmt] = m
             rows.append({"format": fmt, "bytes": path.stat().st_size,
                          "params": sum(t.numel() for t in m.state_dict().values() if t.is_floating_point()),

@@ -7,6 +7,7 @@ Sequentials flattened; the library's ``ResNet`` / ``BasicBlock`` become ``Sequen
 Residual(body, shortcut)..., AdaptiveAvgPool2d(1), Flatten(), fc)``. Other classes can be added
 with :func:`register_converter`. :func:`to_spec` / :func:`from_spec` map such a Sequential to a
 JSON-able dict and back; parameters travel separately (the state dict), nothing is pickled.
+Models that are no such Sequential are described as a torch.fx graph instead (graph.py).
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ _SIMPLE: dict[str, tuple[type, tuple[str, ...]]] = {
     "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
 }
 _BY_CLASS = {cls: name for name, (cls, _) in _SIMPLE.items()}
-SUPPORTED = tuple(sorted(_SIMPLE)) + ("Sequential", "Residual", "BiasMap")
+SUPPORTED = tuple(sorted(_SIMPLE)) + ("Sequential", "Residual", "BiasMap", "Graph")
 
 _CONVERTERS: dict[type, Callable[[nn.Module], nn.Module]] = {}
 
@@ -130,6 +131,9 @@ def to_spec(m: nn.Module) -> dict:
                 "activation": m.activation}
     if type(m) is BiasMap:
         return {"type": "BiasMap", "shape": list(m.bias.shape)}
+    if isinstance(m, torch.fx.GraphModule):
+        from .graph import to_graph_spec
+        return to_graph_spec(m)
     name = _BY_CLASS.get(type(m))
     if name is None:
         raise _unsupported(m)
@@ -155,6 +159,9 @@ def from_spec(spec: dict) -> nn.Module:
             return Residual(from_spec(spec["body"]), from_spec(spec["shortcut"]), spec.get("activation", "relu"))
         if kind == "BiasMap":
             return BiasMap(spec["shape"])
+        if kind == "Graph":
+            from .graph import from_graph_spec
+            return from_graph_spec(spec)
         if kind not in _SIMPLE:
             raise UsageError(f"architecture: unknown module type {kind!r}; allowed: {', '.join(SUPPORTED)}")
         cls, attrs = _SIMPLE[kind]

@@ -221,8 +221,14 @@ def shrink(model: nn.Module, in_shape=None, *, max_passes: int = 20) -> tuple[nn
     docstring) and one report row per Linear/Conv layer: name, units before / after.
 
     ``in_shape`` (C, H, W) is needed for models with conv layers; for MLPs it may be left out.
+    Models that :func:`~sparsetrain.export.arch.canonical` cannot describe are traced with
+    torch.fx instead (graph_shrink.py) and come back as a ``torch.fx.GraphModule``.
     """
-    seq = canonical(model).eval()
+    try:
+        seq = canonical(model).eval()
+    except UsageError:
+        from .graph_shrink import shrink_graph
+        return shrink_graph(model, in_shape)
     if in_shape is None:
         if needs_in_shape(seq):
             raise UsageError("in_shape: required to shrink a model with conv layers (e.g. [1, 28, 28])")

@@ -11,6 +11,11 @@ indices are converted on every call) and computes
   indices, COO, BSR (4×4 blocks of unstructured sparsity) and gather + segment-sum matvecs were
   all slower than int32 CSR in benchmarks/inference.py.)
 
+Every product goes through one registered operator, ``torch.ops.sparsetrain.csr_matmul_t``
+(ops.py), so ``torch.jit.trace`` / ``torch.export`` / ``torch.compile`` record it (plain eager
+calls skip the dispatcher); under ``torch.onnx.export`` the layers compute through their dense
+weight instead (ONNX has no sparse product).
+
 :class:`SparseConv2d` runs ``unfold`` (im2col) per sample followed by the same CSR product. On
 CPU it rarely pays: MKL-DNN's dense convolution is faster than the im2col copy alone for the
 convs of LeNet-5 / VGG / ResNet at 2 % density, so convs denser than 10 % are not even timed.
@@ -36,16 +41,12 @@ from torch import nn
 import torch.nn.functional as F
 
 from .. import native
+from . import ops
+from .ops import _csr
 
 DENSITY_THRESHOLD = 0.1
 CONV_DENSITY_LIMIT = 0.1          # denser convs are not even timed: im2col alone costs more than MKL-DNN
 MIN_SPEEDUP = 1.1
-
-
-def _csr(crow, col, values, shape) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")           # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def _csr_parts(w2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,6 +62,23 @@ KERNELS = ("addmm", "spmm_sum", "native")
 def available_kernels() -> tuple[str, ...]:
     """The kernels worth timing here: ``native`` needs :mod:`sparsetrain.native`'s compiled library."""
     return KERNELS if native.lib() is not None else KERNELS[:2]
+
+
+_never = (lambda: False)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
+_is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", _never)
+
+
+def _graph_capture() -> bool:
+    """True while torch.jit.trace, torch.compile or torch.export records the forward (called on
+    every layer call: < 1 µs)."""
+    return torch._C._get_tracing_state() is not None or _is_compiling() or _is_exporting()
+
+
+def _onnx_export() -> bool:
+    """True inside ``torch.onnx.export`` (~7 µs: asked only when a graph is being recorded)."""
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and getattr(onnx, "is_in_onnx_export", _never)())
 
 
 class _SparseBase(nn.Module):
@@ -95,12 +113,6 @@ class _SparseBase(nn.Module):
     def weight_csr(self) -> torch.Tensor:
         return self._cached()["csr32"]
 
-    def _csr64(self) -> torch.Tensor:
-        c = self._cached()
-        if "csr64" not in c:
-            c["csr64"] = _csr(self.crow.long(), self.col.long(), self.values, self._shape2d)
-        return c["csr64"]
-
     @property
     def nnz(self) -> int:
         return self.values.numel()
@@ -109,23 +121,26 @@ class _SparseBase(nn.Module):
         return self.weight_csr().to_dense()
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """``W @ x (+ bias)`` for one vector ``x``."""
+        """``W @ x (+ bias)`` for one vector ``x`` (eager only: MKL's matrix-vector product on the
+        cached CSR tensor, without the view ops of the general path, which cost as much)."""
         w = self.weight_csr()
         return torch.mv(w, x) if self.bias is None else torch.addmv(self.bias, w, x)
 
     def _matmul_t(self, xt: torch.Tensor) -> torch.Tensor:
-        """``W @ xt (+ bias)``: (out, N) from ``xt`` (in, N)."""
-        if xt.shape[1] == 1:
-            return self._matvec(xt[:, 0]).unsqueeze(1)
-        if self.kernel == "native" and native.usable(self.crow, self.col, self.values, xt, self.bias):
-            return native.csr_matmul_t(self.crow, self.col, self.values, xt, self.bias)
-        if self.kernel == "spmm_sum":
-            y = torch.sparse.mm(self._csr64(), xt, "sum")
-            return y if self.bias is None else y.add_(self.bias.unsqueeze(1))
-        w = self.weight_csr()
-        if self.bias is None:
-            return torch.sparse.mm(w, xt)
-        return torch.addmm(self.bias.unsqueeze(1), w, xt)
+        """``W @ xt (+ bias)``: (out, N) from ``xt`` (in, N), through the registered operator
+        ``torch.ops.sparsetrain.csr_matmul_t`` (ops.py), which graph tools see and trace; inside
+        ``torch.onnx.export`` the same product in standard operators, which ONNX has."""
+        if type(xt) is torch.Tensor and not _graph_capture():
+            # plain eager call: the op's own implementation without the dispatcher's ~50 µs
+            # (fake / functional / traced tensors are subclasses or seen by _graph_capture)
+            c = self._cached()
+            if self.kernel == "spmm_sum" and "csr64" not in c:
+                c["csr64"] = _csr(self.crow.long(), self.col.long(), self.values, self._shape2d)
+            return ops.reference(self.crow, self.col, self.values, xt, self.bias, self.kernel,
+                                 csr=c["csr32"], csr64=c.get("csr64"))
+        if _onnx_export():
+            return ops.densified(self.crow, self.col, self.values, xt, self.bias)
+        return ops.csr_matmul_t(self.crow, self.col, self.values, xt, self.bias, self.kernel)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
@@ -164,9 +179,9 @@ class SparseLinear(_SparseBase):
             with torch.no_grad():
                 return self.forward(x)
         if x.dim() == 2:
-            if x.shape[0] == 1:
+            if x.shape[0] == 1 and type(x) is torch.Tensor and not _graph_capture():
                 return self._matvec(x[0]).unsqueeze(0)
-            return self._matmul_t(x.t().contiguous()).t()
+            return self._matmul_t(x.t().contiguous()).t()     # in a graph: the op, for every batch size
         lead = x.shape[:-1]
         y = self._matmul_t(x.reshape(-1, self.in_features).t().contiguous()).t()
         return y.reshape(*lead, self.out_features)
@@ -209,6 +224,12 @@ class SparseConv2d(_SparseBase):
         kh, kw = self.kernel_size
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if _graph_capture():
+            # a graph must not unroll the per-sample loop below over the example's batch size:
+            # one im2col of the whole batch, (C·k·k, B·H·W), one product
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            y = self._matmul_t(cols.transpose(0, 1).reshape(cols.shape[1], -1))
+            return y.reshape(self.out_channels, b, ho * wo).transpose(0, 1).reshape(b, self.out_channels, ho, wo)
         # one sample at a time: its im2col matrix (C·k·k, H·W) is already the right layout and
         # stays in cache, where a whole-batch one needs a transpose copy of B× the size
         out = x.new_empty(b, self.out_channels, ho * wo)

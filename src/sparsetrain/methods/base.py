@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import TrainConfig, Trainer
@@ -59,7 +59,8 @@ class Option:
             raise UsageError(f"{self.name}: must be of type {self.type.__name__}, got {value!r} "
                              f"({type(value).__name__})")
         if self.choices is not None and value not in self.choices:
-            raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}")
+            raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}"
+                             f"{did_you_mean(value, self.choices)}")
         if self.type is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise UsageError(f"{self.flag}: must be a finite number{' ' + self.allowed if self.allowed else ''}, "
                              f"got {value!r}")
@@ -170,16 +171,24 @@ class Method:
     lr: float = 0.1
     options: tuple[Option, ...] = field(default_factory=tuple)
     check: Callable[[dict[str, Any]], None] | None = None     # checks across options (UsageError)
+    # per built-in model: defaults that differ from the method's own ({"lr": ..., option: ...})
+    model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
-        """This method's options: given values (checked) over defaults. Options that belong to
-        other methods only are refused with the list of this method's options."""
+    def default_lr(self, model: str | None = None) -> float:
+        return self.model_defaults.get(model, {}).get("lr", self.lr)
+
+    def resolve(self, given: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+        """This method's options: given values (checked) over defaults (``model``'s where it has
+        its own). Options that belong to other methods only are refused with the list of this
+        method's options."""
         own = {o.name: o for o in self.options}
         for k, v in given.items():
             if v is not None and k not in own:
                 names = ", ".join(o.flag for o in self.options) or "none"
                 raise UsageError(f"--{k.replace('_', '-')}: not an option of method {self.name} (its options: {names})")
-        resolved = {k: o.check(given[k]) if given.get(k) is not None else o.default for k, o in own.items()}
+        defaults = {**{k: o.default for k, o in own.items()}, **{
+            k: v for k, v in self.model_defaults.get(model, {}).items() if k in own}}
+        resolved = {k: o.check(given[k]) if given.get(k) is not None else defaults[k] for k, o in own.items()}
         if self.check is not None:
             self.check(resolved)
         return resolved
@@ -188,18 +197,32 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, help: str, lr: float = 0.1, options: tuple[Option, ...] = (), check=None):
+def register(name: str, help: str, lr: float = 0.1, options: tuple[Option, ...] = (), check=None,
+             model_defaults: dict[str, dict[str, Any]] | None = None):
     """Decorator: register ``build(model, ctx) -> Strategy`` as method ``name`` (``check``: a
-    function of the resolved options that raises a UsageError for a bad combination)."""
+    function of the resolved options that raises a UsageError for a bad combination;
+    ``model_defaults``: built-in model name -> defaults of its own, ``lr`` and options)."""
     def deco(build):
-        METHODS[name] = Method(name, help, build, lr, tuple(options), check)
+        METHODS[name] = Method(name, help, build, lr, tuple(options), check, dict(model_defaults or {}))
         return build
     return deco
 
 
+def model_defaults_text() -> str:
+    """The per-model defaults of every method, one line each (for ``train --help``)."""
+    lines = []
+    for name, m in sorted(METHODS.items()):
+        for model, d in m.model_defaults.items():
+            lines.append(f"  {name} on {model}: " + ", ".join(
+                f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                for k, v in d.items()))
+    return "\n".join(lines)
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise UsageError(f"--method: unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
+        raise UsageError(f"--method: unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}"
+                         f"{did_you_mean(name, METHODS)}")
     return METHODS[name]
 
 

@@ -44,6 +44,7 @@ import math
 import torch
 
 from ..errors import UsageError
+from ..nm import keep_per_block, nm_mask, parse_pattern
 from ..pruning import Mask, cosine_decay, gmp_sparsity, magnitude_masks, random_masks, rigl_update
 from .base import (BuildContext, Option, Strategy, fraction, momentum_option, positive, register,
                    sparsity_option)
@@ -147,7 +148,14 @@ class MaskedStrategy(Strategy):
 
     def prune_to(self, sparsity: float, distribution: str = "global") -> None:
         mask = self.ensure_mask()
-        new = magnitude_masks(mask.params, sparsity, distribution, current=mask.masks)
+        pattern = parse_pattern(self.ctx.cfg.pattern)
+        if pattern is not None:   # N:M blocks: from M kept per block down to N at the target sparsity
+            n, m = pattern
+            keep = keep_per_block(sparsity, self.ctx.options.get("sparsity", sparsity), n, m)
+            new = {k: nm_mask(w, m, keep, current=mask.masks[k]) for k, w in mask.params.items()}
+            new = {k: v for k, v in new.items() if v is not None}   # rows not a multiple of M: unchanged
+        else:
+            new = magnitude_masks(mask.params, sparsity, distribution, current=mask.masks)
         mask.update(new, self.optimizer)
 
     def after_backward(self, step: int) -> None:

@@ -21,10 +21,10 @@ from torch import nn
 
 from .. import optim
 from ..errors import UsageError
-from ..init import sparse_init_
+from ..init import ALLOCATIONS, sparse_init_
 from ..params import param_groups
 from ..regularizers import L1, make_regularizer
-from ..controller import BudgetController, SparsityController
+from ..controller import DISTRIBUTIONS, BudgetController, SparsityController
 from ..optim import BregmanOptimizer
 from .base import (BuildContext, Option, Strategy, fraction, momentum_option, nonnegative, positive,
                    regex_option, register)
@@ -65,7 +65,8 @@ class Regularized(Strategy):
         target = ctx.options.get("sparsity")
         kind = BudgetController if isinstance(optimizer, BregmanOptimizer) and \
             BudgetController.supports(optimizer) else SparsityController
-        self.controller = None if target is None else kind(optimizer, model, target, ctx.total_steps)
+        self.controller = None if target is None else kind(
+            optimizer, model, target, ctx.total_steps, distribution=ctx.options.get("distribution", "global"))
 
     def after_step(self, step: int) -> None:
         if self.controller is not None:
@@ -93,14 +94,17 @@ TARGET = fraction("sparsity", None, "target sparsity: adapt λ so the run ends t
 REGS = ("l1", "group", "conv-group", "sparse-group", "nuclear", "none")
 
 
-def _layer_regularizers(kind: str, lam: float, groups: str):
+def _layer_regularizers(kind: str, lam: float, groups: str, shared: bool = True):
     """``(name, module, param) -> regularizer``: ``conv-group`` puts the group lasso on Conv
     weights (grouped by ``groups``) and ℓ1 on Linear weights, as the Bregman ConvNet does;
-    the others use one regularizer kind everywhere (row groups for Linear weights)."""
+    the others use one regularizer kind everywhere (row groups for Linear weights).
+    ``shared=False``: a regularizer object of its own for every layer (per-layer λ)."""
     cache: dict = {}
 
     def get(name, lam_, grouping=None):
         key = (name, grouping)
+        if not shared:
+            return make_regularizer(name, lam_, groups=grouping)
         if key not in cache:
             cache[key] = make_regularizer(name, lam_, groups=grouping)
         return cache[key]
@@ -116,9 +120,18 @@ def _layer_regularizers(kind: str, lam: float, groups: str):
 
 
 def _groups(model, ctx: BuildContext, **extra):
+    """Param groups with the method's regularizers; per-layer budgets (``--distribution`` uniform
+    or erk) get one group per layer, each with its own regularizer (its own λ)."""
     o = _target(ctx.options)
-    select = _layer_regularizers(o["reg"], o["lam"], o["groups"])
+    per_layer = o.get("distribution", "global") != "global"
+    select = _layer_regularizers(o["reg"], o["lam"], o["groups"], shared=not per_layer)
     return param_groups(model, select, exclude=o["exclude"] or None, **extra)
+
+
+def budget_option(default: str) -> Option:
+    return Option("distribution", str, default, "how --sparsity is spread over layers: global (one threshold or "
+                  "λ for all layers), uniform (the same sparsity in every layer), erk (Erdős–Rényi-kernel "
+                  "layer densities); regularized methods: one λ per layer for uniform/erk", choices=DISTRIBUTIONS)
 
 
 REG_OPTIONS = (
@@ -135,6 +148,9 @@ BREGMAN_OPTIONS = REG_OPTIONS + (
     Option("init_density", float, 0.002, "density p of the sparse initialisation (1 = dense init)",
            f"in [{MIN_INIT_DENSITY:g}, 1]", lambda v: MIN_INIT_DENSITY <= v <= 1),
     Option("init_scale", float, 0.0, "scale r of the sparse initialisation (0 = 1/√p)", ">= 0", lambda v: v >= 0),
+    Option("init_distribution", str, "erk", "how --init-density is spread over layers (uniform | erk); every "
+           "output unit gets at least one weight", choices=ALLOCATIONS),
+    budget_option("erk"),
 )
 
 
@@ -153,11 +169,12 @@ def _sparse_init(model, ctx: BuildContext) -> None:
     o = ctx.options
     if o["init_density"] < 1:
         grouping = {"group": "rows", "conv-group": "kernels"}.get(o["reg"], "entries")
-        sparse_init_(model, o["init_density"], scale=o["init_scale"] or None, groups=grouping)
+        sparse_init_(model, o["init_density"], scale=o["init_scale"] or None, groups=grouping,
+                     allocation=o["init_distribution"])
 
 
 @register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", lr=0.1,
-          options=REG_OPTIONS + (momentum_option(0.9),))
+          options=REG_OPTIONS + (momentum_option(0.9), budget_option("global")))
 def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
                         weight_decay=ctx.cfg.weight_decay)
@@ -169,7 +186,7 @@ def build_proxsgd(model, ctx: BuildContext) -> Strategy:
 def build_linbreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
     opt = optim.LinBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
-                        momentum=ctx.options["momentum"])
+                        momentum=ctx.options["momentum"], weight_decay=ctx.cfg.weight_decay)
     return Regularized(model, opt, ctx)
 
 
@@ -177,7 +194,8 @@ def build_linbreg(model, ctx: BuildContext) -> Strategy:
           options=BREGMAN_OPTIONS, check=_check_init_density)
 def build_adabreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
-    opt = optim.AdaBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"])
+    opt = optim.AdaBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
+                        weight_decay=ctx.cfg.weight_decay)
     return Regularized(model, opt, ctx)
 
 
@@ -192,10 +210,12 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
                      "at --milestones)", choices=("cosine", "step")),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET,
+              budget_option("global"),
           ))
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
-    groups = param_groups(model, L1(o["lam"]), exclude=o["exclude"] or None)
+    reg = L1(o["lam"]) if o["distribution"] == "global" else (lambda *_: L1(o["lam"]))
+    groups = param_groups(model, reg, exclude=o["exclude"] or None)
     opt = optim.XRDA(groups, lr=ctx.cfg.lr, lam=o["lam"], max_factor=o["max_factor"], tau=o["tau"],
                      tau_b=o["tau_b"], schedule=o["averaging"], mode=o["mode"],
                      total_steps=ctx.total_steps, weight_decay=ctx.cfg.weight_decay,
@@ -213,4 +233,5 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
-    return Regularized(model, optim.GRDA(groups, lr=ctx.cfg.lr, c=o["c"], mu=o["mu"]), ctx)
+    return Regularized(model, optim.GRDA(groups, lr=ctx.cfg.lr, c=o["c"], mu=o["mu"],
+                                                      weight_decay=ctx.cfg.weight_decay), ctx)

@@ -44,7 +44,14 @@ class SparseOptimizer(Optimizer):
       (updating the live objects in place when the type matches, so references held by a
       controller stay valid) and keeps the live callables.
     * λ-controller interface: ``get_lam()``, ``set_lam(value)``, ``scale_lam(factor)``.
+    * torch.optim habits handled here for every optimizer: ``maximize`` (the gradient's sign is
+      flipped) and, where ``coupled_weight_decay`` is set, ``weight_decay`` added to the gradient
+      (``g + wd·w``, as ``torch.optim.SGD``). Each update then reads that gradient; ``p.grad``
+      itself is left as the user's backward pass wrote it.
     """
+
+    #: True: the base adds ``weight_decay·w`` to the gradient; False: the optimizer applies it
+    coupled_weight_decay: bool = False
 
     #: group key holding the penalty strength; ``None``: the group's regularizer holds it
     lam_key: str | None = None
@@ -74,8 +81,31 @@ class SparseOptimizer(Optimizer):
                     raise UsageError(f"params: {type(self).__name__} needs dense gradients, got a {p.grad.layout} "
                                      f"one (e.g. from nn.Embedding(sparse=True)); allowed: modules with "
                                      f"sparse=False")
-            self._update_group(group)
+            swapped = self._effective_grads(group)
+            try:
+                self._update_group(group)
+            finally:
+                for p, g in swapped:
+                    p.grad = g
         return loss
+
+    def _effective_grads(self, group: dict) -> list:
+        """Point ``p.grad`` at ``±g (+ wd·w)`` for the update (see the class docstring); returns
+        (param, original grad) pairs for ``step`` to put back."""
+        maximize = bool(group.get("maximize", False))
+        wd = float(group.get("weight_decay", 0.0)) if self.coupled_weight_decay else 0.0
+        if not maximize and not wd:
+            return []
+        swapped = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = -p.grad if maximize else p.grad
+            if wd:
+                g = g.add(p.detach(), alpha=wd)
+            swapped.append((p, p.grad))
+            p.grad = g
+        return swapped
 
     def _update_group(self, group: dict) -> None:
         """The update of one param group (each optimizer's own)."""
@@ -84,6 +114,10 @@ class SparseOptimizer(Optimizer):
     @staticmethod
     def _use_foreach(group: dict) -> bool:
         return group.get("foreach") is not False
+
+    def _fused_cache(self) -> dict:
+        """Device tables of the fused GPU steps (:mod:`.fused_cuda`); not part of the state."""
+        return self.__dict__.setdefault("_fused", {})
 
     # ---------------------------------------------------------------- λ controller
     def is_regularized(self, group: dict) -> bool:
@@ -117,12 +151,14 @@ class SparseOptimizer(Optimizer):
             else:
                 g[self.lam_key] = lam
 
-    def scale_lam(self, factor: float) -> None:
-        """Multiply λ of every regularized group by ``factor`` (a shared regularizer once)."""
+    def scale_lam(self, factor: float, groups=None) -> None:
+        """Multiply λ of every regularized group (or of the param groups with the indices in
+        ``groups``) by ``factor`` (a shared regularizer once)."""
         factor = check_number(factor, "factor")
         seen: set[int] = set()
-        for g in self.param_groups:
-            if not self.is_regularized(g):
+        chosen = None if groups is None else set(groups)
+        for i, g in enumerate(self.param_groups):
+            if not self.is_regularized(g) or (chosen is not None and i not in chosen):
                 continue
             if self.lam_key is not None:
                 g[self.lam_key] = g[self.lam_key] * factor

@@ -9,12 +9,19 @@ r"""AdaBreg: Bregman iterations with Adam moments (Bungert et al.; SPEC §2).
 
 With λ = 0 and δ = 1 this is Adam, operation for operation (the same formula as
 ``torch.optim.Adam``, applied to v instead of w).
+
+Weight decay is *decoupled*, as in ``torch.optim.AdamW``: before the step
+``v ← v − lr·wd·w/δ``, which shrinks every nonzero weight by exactly the factor (1 − lr·wd)
+(for ℓ1: ``w = δ·S_λ(v)``) and leaves zero weights alone; with λ = 0 and δ = 1 AdaBreg with
+weight decay is AdamW. Momentum convention: Adam's first moment, an exponential average
+``m ← β₁m + (1−β₁)g`` (the same as torch's Adam).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from . import fused_cuda
 from ._base import BregmanOptimizer, bregman_prox_, check_number
 
 __all__ = ["AdaBreg", "adabreg"]
@@ -30,17 +37,21 @@ class AdaBreg(BregmanOptimizer):
         delta: δ of the elastic net J_δ = J + ‖·‖²/(2δ) (default 1).
         betas: (β₁, β₂) of the moment averages (default (0.9, 0.999)).
         eps: ε added to √û (default 1e-8).
+        weight_decay: decoupled weight decay, as AdamW (default 0; see the module docstring).
+        maximize: ascend the objective instead (default False).
         foreach: multi-tensor path (default) or ``False`` for the single-tensor loop.
     """
 
     def __init__(self, params, lr: float, reg=None, delta: float = 1.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 *, foreach: bool | None = None) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 *, maximize: bool = False, foreach: bool | None = None) -> None:
         check_number(lr, "lr")
         check_number(betas[0], "betas[0]", high=1.0, high_strict=True)
         check_number(betas[1], "betas[1]", high=1.0, high_strict=True)
         check_number(eps, "eps")
-        defaults = dict(lr=lr, reg=reg, delta=delta, betas=tuple(betas), eps=eps, foreach=foreach)
+        check_number(weight_decay, "weight_decay")
+        defaults = dict(lr=lr, reg=reg, delta=delta, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -64,10 +75,19 @@ class AdaBreg(BregmanOptimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        if params:
-            adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, reg=reg,
-                    lr=float(group["lr"]), delta=delta, beta1=group["betas"][0],
-                    beta2=group["betas"][1], eps=group["eps"], foreach=self._use_foreach(group))
+        if not params:
+            return
+        wd = float(group.get("weight_decay", 0.0))
+        if wd:                         # decoupled: v ← v − lr·wd·w/δ (AdamW's w ← (1 − lr·wd)·w)
+            for p, v in zip(params, vs):
+                v.add_(p.detach(), alpha=-float(group["lr"]) * wd / delta)
+        kw = dict(reg=reg, lr=float(group["lr"]), delta=delta, beta1=group["betas"][0], beta2=group["betas"][1],
+                  eps=group["eps"])
+        streams = [params, grads, vs, exp_avgs, exp_avg_sqs]
+        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN, self._fused_cache())
+                and fused_cuda.adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw,
+                                       cache=self._fused_cache())):
+            adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw, foreach=self._use_foreach(group))
 
 
 def adabreg(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], exp_avgs: list[Tensor],

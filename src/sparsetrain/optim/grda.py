@@ -32,16 +32,25 @@ class GRDA(SparseOptimizer):
         lr: learning rate.
         c: threshold scale (typical (0, 5e-3]).
         mu: threshold growth exponent (typical [0.501, 0.7]).
+        weight_decay: L2 term added to the gradient, g + wd·w (default 0).
+        maximize: ascend the objective instead (default False).
         foreach: multi-tensor path (default) or ``False`` for the single-tensor loop.
+
+    Momentum: none (gRDA accumulates raw gradients; torch.optim.SGD with momentum=0 is its
+    unregularized limit).
     """
 
     lam_key = "c"
+    coupled_weight_decay = True
 
-    def __init__(self, params, lr: float, c: float, mu: float, *, foreach: bool | None = None) -> None:
+    def __init__(self, params, lr: float, c: float, mu: float, weight_decay: float = 0.0, *,
+                 maximize: bool = False, foreach: bool | None = None) -> None:
         check_number(lr, "lr")
         check_number(c, "c")
         check_number(mu, "mu", strict=True)
-        super().__init__(params, dict(lr=lr, c=c, mu=mu, penalize=True, foreach=foreach))
+        check_number(weight_decay, "weight_decay")
+        super().__init__(params, dict(lr=lr, c=c, mu=mu, weight_decay=weight_decay, maximize=maximize,
+                                      penalize=True, foreach=foreach))
 
     def add_param_group(self, param_group: dict) -> None:
         if "reg" in param_group:  # a group from param_groups(): reg=None means unpenalised

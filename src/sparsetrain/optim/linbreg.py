@@ -11,6 +11,11 @@ With J_δ(w) = J(w) + ‖w‖²/(2δ) and the subgradient state v ∈ ∂J_δ(w)
 With λ = 0 and δ = 1 this is exactly SGD. Weights that are zero stay zero until |v| exceeds
 λ (inverse scale space: parameters are *added* during training).
 
+Momentum convention: *dampened*. ``torch.optim.SGD(momentum=β)`` keeps ``b ← βb + g`` and steps
+``lr·b`` (a step of ``lr/(1−β)·g`` once the buffer has settled); LinBreg's ``m`` already includes
+``(1−β)``, so at the same lr its settled step is ``lr·g``: 10× smaller than SGD's at β = 0.9.
+Use ``lr_linbreg = lr_sgd/(1−β)`` for the same effective step.
+
 Implementation note: the momentum buffer is stored as m / c with a scalar ``momentum_scale``
 c (the learning rate of the last step), so that at a constant learning rate the update is one
 fused ``lerp_``; when the learning rate changes the buffer is rescaled first (same math).
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import fused_cuda
 from ._base import BregmanOptimizer, bregman_prox_, check_number
 
 __all__ = ["LinBreg", "linbreg"]
@@ -33,15 +39,22 @@ class LinBreg(BregmanOptimizer):
         lr: learning rate.
         reg: default regularizer for groups without a ``"reg"`` key (None: no penalty).
         delta: δ of the elastic net J_δ = J + ‖·‖²/(2δ) (default 1).
-        momentum: β of the dampened momentum m ← βm + (1−β)·lr·g (default 0).
+        momentum: β of the dampened momentum m ← βm + (1−β)·lr·g (default 0; see the module
+            docstring for how it compares with ``torch.optim.SGD``'s momentum).
+        weight_decay: L2 term added to the gradient, g + wd·w, as ``torch.optim.SGD`` (default 0).
+        maximize: ascend the objective instead (default False).
         foreach: multi-tensor path (default) or ``False`` for the single-tensor loop.
     """
 
+    coupled_weight_decay = True
+
     def __init__(self, params, lr: float, reg=None, delta: float = 1.0, momentum: float = 0.0,
-                 *, foreach: bool | None = None) -> None:
+                 weight_decay: float = 0.0, *, maximize: bool = False, foreach: bool | None = None) -> None:
         check_number(lr, "lr")
         check_number(momentum, "momentum", high=1.0, high_strict=True)
-        defaults = dict(lr=lr, reg=reg, delta=delta, momentum=momentum, foreach=foreach)
+        check_number(weight_decay, "weight_decay")
+        defaults = dict(lr=lr, reg=reg, delta=delta, momentum=momentum, weight_decay=weight_decay,
+                        maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -66,7 +79,12 @@ class LinBreg(BregmanOptimizer):
                 states.append(state)
         if not params:
             return
-        scales = linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
+        fused = None
+        if fused_cuda.applicable([params, grads, vs, bufs], group, fused_cuda.BREGMAN_KNOWN,
+                                 self._fused_cache()):
+            fused = fused_cuda.linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
+                                       momentum=beta, cache=self._fused_cache())
+        scales = fused if fused is not None else linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
                          momentum=beta, foreach=self._use_foreach(group))
         for state, c in zip(states, scales):
             state["momentum_scale"] = c

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..regularizers import is_null
+from . import fused_cuda
 from ._base import SparseOptimizer, check_number
 
 __all__ = ["ProxSGD", "proxsgd"]
@@ -29,15 +30,20 @@ class ProxSGD(SparseOptimizer):
         reg: default regularizer for groups without a ``"reg"`` key (None: plain SGD).
         momentum: heavy-ball momentum μ (default 0).
         weight_decay: L2 penalty added to the gradient (default 0).
+        maximize: ascend the objective instead (default False).
         foreach: multi-tensor path (default) or ``False`` for the single-tensor loop.
+
+    Momentum convention: torch's (``torch.optim.SGD``, dampening 0): the same iterates as SGD
+    before the prox.
     """
 
     def __init__(self, params, lr: float, reg=None, momentum: float = 0.0, weight_decay: float = 0.0,
-                 *, foreach: bool | None = None) -> None:
+                 *, maximize: bool = False, foreach: bool | None = None) -> None:
         check_number(lr, "lr")
         check_number(momentum, "momentum", high=1.0, high_strict=True)
         check_number(weight_decay, "weight_decay")
-        defaults = dict(lr=lr, reg=reg, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(lr=lr, reg=reg, momentum=momentum, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -55,7 +61,11 @@ class ProxSGD(SparseOptimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
-        if params:
+        if params and fused_cuda.applicable([params, grads, bufs], group, fused_cuda.PROXSGD_KNOWN,
+                                                self._fused_cache()):
+            fused_cuda.proxsgd(params, grads, bufs, reg=group.get("reg"), lr=float(group["lr"]), momentum=mu,
+                               weight_decay=group["weight_decay"], cache=self._fused_cache())
+        elif params:
             proxsgd(params, grads, bufs, reg=group.get("reg"), lr=float(group["lr"]), momentum=mu,
                     weight_decay=group["weight_decay"], foreach=self._use_foreach(group))
 

@@ -53,6 +53,7 @@ from torch import Tensor
 from .. import native
 from ..errors import UsageError, choice
 from ..regularizers import L1, is_null
+from . import fused_cuda
 from ._base import SparseOptimizer, _softshrink, check_number
 
 __all__ = ["XRDA", "xrda", "xrda_schedule", "reweight_factor"]
@@ -110,7 +111,12 @@ class XRDA(SparseOptimizer):
         alpha: fixed α (number or callable ``k -> α``), overriding the schedule's α.
         mode: ``"normal"`` | ``"kernel"`` | ``"channel"``.
         weight_decay: L2 term added to the gradient (paper: 5e-4).
+        maximize: ascend the objective instead (default False).
         foreach: multi-tensor path (default) or ``False`` for the single-tensor loop.
+
+    Momentum convention: an exponential moving average v ← βv + (1−β)g with β = e^{−s/τ}
+    (dampened, unlike ``torch.optim.SGD``'s b ← βb + g): s₀ = 1, τ = 9.5 (β ≈ 0.9) gives about the
+    effective step of SGD(lr=0.1, momentum=0.9).
     """
 
     lam_key = "lam"
@@ -118,12 +124,14 @@ class XRDA(SparseOptimizer):
     def __init__(self, params, lr: float, lam: float, *, tau: float = 9.5, tau_b: float = 9.5,
                  max_factor: float = 500.0, reweight: bool = True, schedule: str | None = None,
                  total_steps: int | None = None, milestones=(), alpha: float | Callable | None = None,
-                 mode: str = "normal", weight_decay: float = 0.0, foreach: bool | None = None) -> None:
+                 mode: str = "normal", weight_decay: float = 0.0, maximize: bool = False,
+                 foreach: bool | None = None) -> None:
         if schedule is None:
             schedule = "cosine" if total_steps else "constant"
         defaults = dict(lr=lr, lam=lam, tau=tau, tau_b=tau_b, max_factor=max_factor, reweight=reweight,
                         schedule=schedule, total_steps=total_steps, milestones=list(milestones),
-                        alpha=alpha, mode=mode, weight_decay=weight_decay, penalize=True, foreach=foreach)
+                        alpha=alpha, mode=mode, weight_decay=weight_decay, maximize=maximize, penalize=True,
+                        foreach=foreach)
         super().__init__(params, defaults)
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -203,14 +211,17 @@ class XRDA(SparseOptimizer):
                 gamma_next = math.exp(-s_next / group["tau_b"])
                 table = self.__dict__.setdefault("_max_a_hints", {})
                 hints = [table.setdefault(p, {}) for p in params]
-            Ts = xrda(params, [p.grad for p in params], [st["v"] for _, st in items],
-                      [st.get("z") for _, st in items], [st.get("a") for _, st in items],
-                      [st.get("T") for _, st in items], s=s, alpha=alpha,
-                      beta=math.exp(-s / group["tau"]), gamma=math.exp(-s / group["tau_b"]),
+            streams = ([p.grad for p in params], [st["v"] for _, st in items], [st.get("z") for _, st in items],
+                       [st.get("a") for _, st in items], [st.get("T") for _, st in items])
+            kw = dict(s=s, alpha=alpha, beta=math.exp(-s / group["tau"]), gamma=math.exp(-s / group["tau_b"]),
                       lam=float(group["lam"]), max_factor=float(group["max_factor"]),
-                      weight_decay=group["weight_decay"], reweight=reweight, mode=mode,
-                      penalize=penalize, foreach=self._use_foreach(group),
-                      hints=hints, gamma_next=gamma_next)
+                      weight_decay=group["weight_decay"], reweight=reweight, mode=mode, penalize=penalize)
+            Ts = None
+            if fused_cuda.xrda_applicable([params, *streams], group, self._fused_cache()):
+                Ts = fused_cuda.xrda(params, *streams, **kw, gamma_next=gamma_next, cache=self._fused_cache())
+            if Ts is None:
+                Ts = xrda(params, *streams, **kw, foreach=self._use_foreach(group), hints=hints,
+                          gamma_next=gamma_next)
             if penalize:
                 for (_, st), T in zip(items, Ts):
                     st["T"] = T
@@ -366,7 +377,9 @@ def xrda(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], zs: list, 
     next step) let the native elementwise step run in one pass (see :func:`_xrda_native`)."""
     kw = dict(s=s, alpha=alpha, beta=beta, gamma=gamma, lam=lam, max_factor=max_factor,
               weight_decay=weight_decay, reweight=reweight)
-    fused = [_native_ok(*t) for t in zip(params, grads, vs, zs, as_, Ts)] if penalize else []
+    # plain ℓ1 after a reweighted phase keeps per-entry thresholds T: only the torch ops handle those
+    plain_tensor_T = not reweight and any(torch.is_tensor(T) for T in Ts)
+    fused = [_native_ok(*t) for t in zip(params, grads, vs, zs, as_, Ts)] if penalize and not plain_tensor_T else []
     if not any(fused):
         return _xrda_torch(params, grads, vs, zs, as_, Ts, **kw, mode=mode, penalize=penalize, foreach=foreach)
     rest = [i for i, f in enumerate(fused) if not f]

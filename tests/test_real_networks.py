@@ -1,0 +1,169 @@
+"""Seed methods on the networks of the papers: no dead start, dead networks stop (exit 3),
+per-layer budgets, growth without evidence, HALO without a cliff, every model on 28×28 data."""
+import json
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import sparsetrain
+from sparsetrain.cli import main
+from sparsetrain.controller import BudgetController, SparsityController
+from sparsetrain.init import layer_init_densities, sparse_init_
+from sparsetrain.liveness import DeadNetworkError
+from sparsetrain.models import MODELS, build_model
+from sparsetrain.optim import LinBreg, XRDA
+from sparsetrain.params import param_groups, prunable_weights
+from sparsetrain.regularizers import L1
+
+
+def _grads(model, seed=0):
+    torch.manual_seed(seed)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return {n: w.grad for n, w in prunable_weights(model)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("allocation", ["uniform", "erk"])
+def test_default_sparse_init_leaves_no_layer_without_gradient(name, allocation):
+    # at the Bregman default 0.2 %, a uniform draw leaves ResNet-20's 144-weight first conv empty
+    # with probability 0.75: every gradient after it was zero and LinBreg stayed at chance
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_model(name)
+        sparse_init_(model, 0.002, allocation=allocation, generator=torch.Generator().manual_seed(seed))
+        for n, w in prunable_weights(model):
+            rows = w.detach().reshape(w.shape[0], -1)
+            assert (rows != 0).any(1).all(), f"{name}: {n} has an output unit without input"
+        dead = [n for n, g in _grads(model, seed).items() if not g.ne(0).any()]
+        assert not dead, f"{name} seed {seed}: no gradient in {dead}"
+
+
+def test_without_the_floor_resnet20_can_start_dead():
+    model = build_model("resnet20")
+    starts = [sparse_init_(model, 0.002, floor=False, generator=torch.Generator().manual_seed(s))
+              .conv1.weight.count_nonzero().item() for s in range(8)]
+    assert 0 in starts          # what the floor prevents
+
+
+def test_erk_gives_small_layers_more_density():
+    d = layer_init_densities(build_model("lenet300"), 0.02, "erk")
+    assert d["1"] < d["3"] < d["5"]
+    model = build_model("lenet300")
+    sparse_init_(model, 0.02, allocation="erk", generator=torch.Generator().manual_seed(0))
+    total = sum(w.numel() for _, w in prunable_weights(model))
+    nz = sum(int(w.count_nonzero()) for _, w in prunable_weights(model))
+    assert nz / total == pytest.approx(0.02, rel=0.1)
+
+
+def _dead_mlp():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 32, bias=False), nn.ReLU(), nn.Linear(32, 10))
+    nn.init.zeros_(net[1].weight)
+    return net
+
+
+def test_a_dead_network_stops_with_exit_3_naming_the_layer(idx_dir, tmp_path, monkeypatch, capsys):
+    import sparsetrain.trainer as trainer
+    monkeypatch.setattr(trainer, "build_model", lambda *a, **k: _dead_mlp())
+    rc = main(["train", "--method", "dense", "--data-dir", str(idx_dir), "--epochs", "1", "--batch-size", "32",
+               "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 3 and len(err.splitlines()) == 1
+    assert "dead network" in err and "1.weight" in err and "no nonzero weight" in err
+    with pytest.raises(DeadNetworkError):
+        sparsetrain.train(model=_dead_mlp(), method="dense", epochs=1, data="fashion-mnist", data_dir=str(idx_dir),
+                          batch_size=32, progress=False)
+
+
+def test_vgg16_takes_28x28_inputs_and_a_mismatched_model_is_refused(idx_dir, tmp_path, capsys):
+    assert build_model("vgg16", (1, 28, 28))(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert main(["train", "--method", "gmp", "--model", "vgg16", "--data-dir", str(idx_dir), "--epochs", "1",
+                 "--train-subset", "32", "--test-subset", "16", "--batch-size", "16", "--no-progress",
+                 "--out", str(tmp_path / "v")]) == 0
+    bad = nn.Sequential(nn.Flatten(), nn.Linear(100, 10))
+    with pytest.raises(sparsetrain.errors.UsageError, match="^model: Sequential cannot take"):
+        sparsetrain.train(model=bad, method="dense", epochs=1, data_dir=str(idx_dir), progress=False)
+
+
+def _linbreg_mlp(density=0.05, distribution="global"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5))
+    sparse_init_(model, density, generator=torch.Generator().manual_seed(0))
+    reg = L1(0.1) if distribution == "global" else (lambda *_: L1(0.1))
+    opt = LinBreg(param_groups(model, reg), lr=0.05)
+    return model, opt
+
+
+def _train(model, opt, controller, steps=300):
+    torch.manual_seed(1)
+    x = torch.randn(256, 20)
+    y = (x[:, :5] * torch.arange(1, 6)).argmax(1)
+    for step in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        controller.update(step)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_per_layer_budgets_end_at_each_layers_density(distribution):
+    model, opt = _linbreg_mlp(distribution=distribution)
+    c = BudgetController(opt, model, 0.7, total_steps=300, distribution=distribution)
+    assert len({id(g["reg"]) for g in opt.param_groups if g["reg"] is not None}) == 3
+    _train(model, opt, c)
+    for b in c.budgets:
+        assert b.density() == pytest.approx(b.target, abs=0.02)
+    targets = [b.target for b in c.budgets]
+    if distribution == "uniform":
+        assert targets == pytest.approx([0.3] * 3, abs=1e-3)
+    else:
+        assert targets[0] < targets[2]
+    # one λ per layer: they differ
+    assert len({round(x, 12) for x in opt.get_lam() if x is not None}) == 3
+
+
+def test_per_layer_budgets_need_a_group_per_layer():
+    model, opt = _linbreg_mlp(distribution="global")        # one shared regularizer
+    with pytest.raises(sparsetrain.errors.UsageError, match="--distribution: erk budgets need one param group"):
+        BudgetController(opt, model, 0.7, total_steps=100, distribution="erk")
+
+
+def test_budget_controller_grows_by_gradient_when_v_carries_no_evidence():
+    model, opt = _linbreg_mlp(density=0.05)
+    c = BudgetController(opt, model, 0.5, total_steps=100, ramp=0.01)
+    x = torch.randn(64, 20)
+    F.cross_entropy(model(x), torch.randint(0, 5, (64,))).backward()
+    opt.step()
+    for g in opt.param_groups:                   # wipe all evidence of the zero entries
+        for p in g["params"]:
+            if "v" in opt.state[p]:
+                opt.state[p]["v"][p == 0] = 0
+    d0 = sum(int(w.count_nonzero()) for _, w in prunable_weights(model))
+    lam0 = opt.get_lam()[0]
+    c.update(0)                               # start density measured; nothing to admit yet
+    c.update(5)                               # far below the budget, no evidence: grow by |grad|
+    opt.step()
+    d1 = sum(int(w.count_nonzero()) for _, w in prunable_weights(model))
+    assert d1 > d0 and opt.get_lam()[0] >= lam0 / 2 > 0
+
+
+def test_xrda_per_layer_budget(idx_dir, tmp_path):
+    out = tmp_path / "x"
+    assert main(["train", "--method", "xrda", "--distribution", "uniform", "--sparsity", "0.8", "--data-dir",
+                 str(idx_dir), "--epochs", "6", "--batch-size", "16", "--out", str(out), "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert abs(s["sparsity"] - 0.8) < 0.02
+    assert all(abs(layer["density"] - 0.2) < 0.05 for layer in s["per_layer"])
+
+
+def test_halo_reaches_its_target_without_a_cliff(idx_dir, tmp_path):
+    out = tmp_path / "h"
+    assert main(["train", "--method", "halo", "--sparsity", "0.95", "--data-dir", str(idx_dir), "--epochs", "4",
+                 "--batch-size", "16", "--out", str(out), "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["halo_prune"] == "gradual" and abs(s["sparsity"] - 0.95) < 1e-3
+    assert abs(s["accuracy_before_prune"] - s["accuracy_after_prune"]) <= 0.01
+    assert s["test_accuracy"] > 0.9
