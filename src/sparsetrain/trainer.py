@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 import shutil
@@ -131,10 +132,12 @@ class TrainConfig:
                 ok = isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)
             else:
                 kind = ann.split("|")[0].strip()
-                ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "float": _is_number,
+                ok = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "float": _is_number,
                       "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool)}[kind](value)
             if not ok:
                 raise UsageError(f"{f.name}: must be of type {ann}, got {value!r} ({type(value).__name__})")
+            if value is not None and ann.split("|")[0].strip() in ("int", "float"):   # numpy scalars too
+                setattr(self, f.name, int(value) if ann.startswith("int") else float(value))
         self.milestones = tuple(float(m) for m in self.milestones)
 
     def to_dict(self) -> dict:
@@ -144,7 +147,7 @@ class TrainConfig:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def resolve_device(name: str) -> torch.device:
