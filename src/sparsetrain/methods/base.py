@@ -19,6 +19,7 @@ plain Python values only: checkpoints load with ``weights_only=True``).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -53,11 +54,13 @@ class Option:
     def check(self, value):
         if value is None:
             return value
-        if not (isinstance(value, self.type) and (self.type is bool or not isinstance(value, bool))) and not (
-                self.type is float and isinstance(value, int) and not isinstance(value, bool)):
+        kind = {int: numbers.Integral, float: numbers.Real}.get(self.type, self.type)
+        if not isinstance(value, kind) or (self.type is not bool and isinstance(value, bool)):
             # only Python callers can get here (flags and --config values are typed): name the argument
             raise UsageError(f"{self.name}: must be of type {self.type.__name__}, got {value!r} "
                              f"({type(value).__name__})")
+        if self.type in (int, float):
+            value = self.type(value)                    # numpy scalars become plain numbers
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}"
                              f"{did_you_mean(value, self.choices)}")
