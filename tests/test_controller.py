@@ -74,7 +74,7 @@ def test_resume_of_a_controlled_run_matches_an_uninterrupted_one(method, idx_dir
 
 
 def _scores(c):
-    return torch.cat([scores for *_, scores in c._candidates(c.budgets[0])])
+    return torch.cat([scores.flatten() for *_, scores in c._candidates(c.budgets[0])])
 
 
 def test_budget_controller_state_carries_its_look_ahead():

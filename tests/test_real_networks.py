@@ -167,3 +167,22 @@ def test_halo_reaches_its_target_without_a_cliff(idx_dir, tmp_path):
     assert s["halo_prune"] == "gradual" and abs(s["sparsity"] - 0.95) < 1e-3
     assert abs(s["accuracy_before_prune"] - s["accuracy_after_prune"]) <= 0.01
     assert s["test_accuracy"] > 0.9
+
+
+def test_a_network_that_dies_later_stops_too():
+    from sparsetrain.liveness import LivenessCheck
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    check = LivenessCheck(model, steps=2, every=10, patience=3)
+    x = torch.randn(8, 4)
+    for step in range(60):
+        model.zero_grad()
+        if step == 15:                      # every unit off from here on
+            with torch.no_grad():
+                model[0].bias.fill_(-1e6)
+        model(x).sum().backward()
+        if step < 40:
+            check.observe(step)
+        else:
+            with pytest.raises(DeadNetworkError, match="no Linear/Conv weight received a gradient at steps 20-40"):
+                check.observe(step)
+            break

@@ -63,8 +63,24 @@ class _Budget:
 
     @torch.no_grad()
     def density(self) -> float:
-        nz = sum(int(torch.count_nonzero(p)) for p in self.params)
-        return nz / max(self.numel, 1)
+        return _densities([self])[0]
+
+
+@torch.no_grad()
+def _densities(budgets: list[_Budget]) -> list[float]:
+    """The density of every budget, read from the device in one transfer (one sync on a GPU)."""
+    counts = [torch.count_nonzero(p) for b in budgets for p in b.params]
+    if not counts:
+        return [0.0] * len(budgets)
+    try:
+        flat = torch.stack(counts).tolist()
+    except RuntimeError:                      # params on several devices
+        flat = [int(c) for c in counts]
+    out, i = [], 0
+    for b in budgets:
+        out.append(sum(flat[i:i + len(b.params)]) / max(b.numel, 1))
+        i += len(b.params)
+    return out
 
 class SparsityController:
     def __init__(self, optimizer, model: nn.Module, sparsity: float, total_steps: int, *,
@@ -156,14 +172,19 @@ class SparsityController:
         """Call after every optimizer step; acts every ``every`` steps."""
         if step % self.every:
             return
-        for b in self.budgets:
-            d = b.density()
+        dens = _densities(self.budgets)
+        for b, d in zip(self.budgets, dens):
             if b.start is None:
                 b.start = d
-            self._adjust(step, d, b)
+        self._adjust_all(step, dens)
         if step % (self.every * 20) == 0:
             total = sum(b.numel for b in self.budgets) or 1
-            self.trajectory.append((step, self.lam(), sum(b.density() * b.numel for b in self.budgets) / total))
+            self.trajectory.append((step, self.lam(), sum(
+                d * b.numel for b, d in zip(self.budgets, _densities(self.budgets))) / total))
+
+    def _adjust_all(self, step: int, dens: list[float]) -> None:
+        for b, d in zip(self.budgets, dens):
+            self._adjust(step, d, b)
 
     def _adjust(self, step: int, d: float, b: _Budget) -> None:
         err = math.log(max(d, 1e-9) / max(self.target_density(step, b), 1e-9))
@@ -216,9 +237,10 @@ class BudgetController(SparsityController):
         return bool(regs) and all(r.activation(torch.ones(1, 1)) is not None for r in regs)
 
     def _candidates(self, b: _Budget):
-        """Per regularized tensor of budget ``b``: (param, group, zero mask, |v|/λ of its zero
-        entries with v extrapolated over the next ``every`` steps from its change since the last
-        update — Adam-type steps move all candidates at once, so the admission must look ahead)."""
+        """Per regularized tensor of budget ``b``: (param, group, zero mask, scores), the scores
+        being |v|/λ of the zero entries with v extrapolated over the next ``every`` steps from its
+        change since the last update (Adam-type steps move all candidates at once, so the
+        admission must look ahead) and −1 at the nonzero entries (no boolean indexing: no sync)."""
         out, last = [], []
         i = 0
         for gi in b.groups:
@@ -229,43 +251,62 @@ class BudgetController(SparsityController):
                     continue
                 prev = b.last_v[i] if i < len(b.last_v) and b.last_v[i].shape == v.shape else v
                 zero = p == 0
-                out.append((p, g, zero, g["reg"].activation(2 * v - prev)[zero]))
+                act = g["reg"].activation(2 * v - prev)
+                out.append((p, g, zero, torch.where(zero, act, act.new_full((), -1.0))))
                 last.append(v.clone())
                 i += 1
         b.last_v = last
         return out
 
-    def _adjust(self, step: int, d: float, b: _Budget) -> None:
-        if b.start > b.target + START_TOLERANCE:
-            raise UsageError(f"BudgetController: the network starts at density {b.start:.4f}, "
-                             f"denser than the target {b.target:.4f}; Bregman iterations only add weights, "
-                             f"so it cannot come down to it; allowed: a sparse start (sparse_init_ with a "
-                             f"density <= {b.target:g})")
-        cands = self._candidates(b)
-        if not cands:
+    def _adjust_all(self, step: int, dens: list[float]) -> None:
+        """Every budget's top scores are computed on the device and read in one transfer."""
+        plans, tops = [], []
+        for b, d in zip(self.budgets, dens):
+            if b.start > b.target + START_TOLERANCE:
+                raise UsageError(f"BudgetController: the network starts at density {b.start:.4f}, denser than "
+                                 f"the target {b.target:.4f}; Bregman iterations only add weights, so it cannot "
+                                 f"come down to it; allowed: a sparse start (sparse_init_ with a density <= "
+                                 f"{b.target:g})")
+            cands = self._candidates(b)
+            if not cands:
+                continue
+            scores = torch.cat([c[3].flatten() for c in cands])
+            zeros = int(round((1.0 - d) * b.numel))
+            need = int(round(self.target_density(step, b) * b.numel)) - int(round(d * b.numel))
+            k = min(need, zeros) if need > 0 else 0
+            if zeros == 0:
+                continue
+            m = min(max(k, 1) + 1, scores.numel())
+            tops.append(torch.topk(scores, m).values)
+            plans.append((b, cands, k, m))
+        if not plans:
             return
-        scores = torch.cat([c[3].flatten() for c in cands])
-        if scores.numel() == 0:
-            return
-        need = int(round(self.target_density(step, b) * b.numel)) - int(round(d * b.numel))
-        if need > 0:   # admit the `need` strongest candidates: factor between k-th and (k+1)-th score
-            k = min(need, scores.numel())
-            top = torch.topk(scores, min(k + 1, scores.numel())).values
+        host = torch.cat(tops).tolist()
+        i = 0
+        for b, cands, k, m in plans:
+            top = [x for x in host[i:i + m] if x >= 0]       # −1: a nonzero entry, no candidate
+            i += m
+            if top:
+                self._decide(b, cands, k, top)
+
+    def _decide(self, b: _Budget, cands, k: int, top: list[float]) -> None:
+        """Scale λ of budget ``b`` from its sorted top candidate scores ``top``: admit ``k``."""
+        missing = 0
+        if k > 0:   # admit the k strongest candidates: factor between k-th and (k+1)-th score
+            k = min(k, len(top))
             if top[k - 1] <= 0:          # fewer candidates with evidence than the budget allows
-                positive = top[top > 0]
-                factor = float(positive[-1]) * (1 - 1e-6) if positive.numel() else 1.0
-                missing = k - positive.numel()
-            else:
-                missing = 0
-                if k < top.numel() and top[k - 1] > top[k]:
-                    factor = float(top[k - 1] + top[k]) / 2
-                else:  # a tie at the boundary (Adam-type steps), or fewer candidates than allowed
-                    factor = float(top[k - 1]) * (1 - 1e-6)
+                positive = [x for x in top if x > 0]
+                factor = positive[-1] * (1 - 1e-6) if positive else 1.0
+                missing = k - len(positive)
+            elif k < len(top) and top[k - 1] > top[k]:
+                factor = (top[k - 1] + top[k]) / 2
+            else:  # a tie at the boundary (Adam-type steps), or fewer candidates than allowed
+                factor = top[k - 1] * (1 - 1e-6)
             # λ falls at most by max_factor per update: candidates that only start to receive
             # gradients (newly connected units) must not all be let in at once
             factor = max(factor, 1.0 / self.max_factor)
         else:          # at the budget: nobody new until the next update
-            factor, missing = max(1.0, float(scores.max()) * self.margin), 0
+            factor = max(1.0, top[0] * self.margin)
         if factor > 0 and factor != 1.0:
             self._scale(b, factor)
         if missing > 0:

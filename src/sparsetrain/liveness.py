@@ -1,7 +1,10 @@
 """Dead-network check: a run whose layers receive no gradient stops, it does not finish at chance.
 
 A network is *dead* when some Linear/Conv weight gets an exactly zero gradient at every one of
-the first ``steps`` steps. The usual cause is an empty layer: a weight that is entirely zero (a
+the first ``steps`` steps, or when, later, no Linear/Conv weight at all gets a nonzero gradient
+at ``patience`` checks in a row (one check every ``every`` steps): a run whose steps blew the
+units up without a NaN (every ReLU off) — LeNet-5 under LinBreg at lr 1 sat at 10 % for ten
+epochs that way and exited 0. The usual cause is an empty layer: a weight that is entirely zero (a
 too sparse initialisation, a layer pruned away) makes every activation after it zero, so every
 weight gradient before and after it is zero too, and a Bregman method — which only grows
 weights whose accumulated gradient is nonzero — can never leave that start. The check runs after
@@ -23,15 +26,28 @@ class DeadNetworkError(RuntimeError):
 
 
 class LivenessCheck:
-    def __init__(self, model: nn.Module, steps: int = 5):
+    def __init__(self, model: nn.Module, steps: int = 5, every: int = 50, patience: int = 3):
         self.weights = [(n, w) for n, w in prunable_weights(model) if w.requires_grad and w.numel()]
-        self.steps = steps
+        self.steps, self.every, self.patience = steps, every, patience
         self.alive = [False] * len(self.weights)
+        self.silent = 0            # consecutive later checks without any weight gradient
 
     @torch.no_grad()
     def observe(self, step: int) -> None:
-        """Call after ``backward()`` at global step ``step``; raises at step ``steps − 1``."""
+        """Call after ``backward()`` at global step ``step``; raises at step ``steps − 1`` (a layer
+        never reached) or when ``patience`` later checks in a row saw no weight gradient at all."""
         if step >= self.steps:
+            if step % self.every == 0:
+                grads = [w.grad for _, w in self.weights if w.grad is not None]
+                if grads and not any(bool(g.ne(0).any()) for g in grads):
+                    self.silent += 1
+                    if self.silent >= self.patience:
+                        raise DeadNetworkError(
+                            f"dead network: no Linear/Conv weight received a gradient at steps "
+                            f"{step - self.every * (self.patience - 1)}-{step} (every unit is off: the "
+                            f"steps blew the activations up); allowed: a smaller --lr")
+                else:
+                    self.silent = 0
             return
         for i, (_, w) in enumerate(self.weights):
             if not self.alive[i] and w.grad is not None and bool(w.grad.ne(0).any()):

@@ -181,8 +181,14 @@ def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     return Regularized(model, opt, ctx)
 
 
+# LinBreg's lr 1 (dampened momentum 0.9: SGD(0.1, momentum 0.9)'s step) diverged on the Bregman
+# ConvNet at step 13 and on LeNet-5; the conv nets without BatchNorm take lr 0.1
+LINBREG_MODEL_DEFAULTS = {"lenet5": {"lr": 0.1}, "convnet": {"lr": 0.1}}
+
+
 @register("linbreg", "LinBreg: linearized Bregman iterations, sparse init (Bungert et al.)", lr=1.0,
-          options=BREGMAN_OPTIONS + (momentum_option(0.9),), check=_check_init_density)
+          options=BREGMAN_OPTIONS + (momentum_option(0.9),), check=_check_init_density,
+          model_defaults=LINBREG_MODEL_DEFAULTS)
 def build_linbreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
     opt = optim.LinBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
