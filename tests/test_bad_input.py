@@ -180,7 +180,7 @@ CASES = [
     ("checkpoint-not-a-dict", lambda e: resume(e, "ck-list"), ["checkpoint", "not a sparsetrain checkpoint"]),
     ("checkpoint-missing-keys", lambda e: resume(e, "ck-nokeys"), ["--resume", "does not match this run", "no 'model' entry"]),
     ("checkpoint-wrong-shapes", lambda e: resume(e, "ck-shapes"), ["--resume", "does not match this run"]),
-    ("checkpoint-with-code", lambda e: resume(e, "ck-code"), ["checkpoint", "refused, nothing was executed"]),
+    ("checkpoint-with-code", lambda e: resume(e, "ck-code"), ["checkpoint", "refused: it contains code", "nothing was executed"]),
     # --- run summaries
     ("inspect-missing", lambda e: ["inspect", str(e.root / "nothing-here")], ["inspect", "no summary.json", "allowed"]),
     ("inspect-corrupt-summary", lambda e: ["inspect", str(e.root / "bad-summary")],

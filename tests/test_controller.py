@@ -7,6 +7,7 @@ from torch import nn
 
 from sparsetrain.cli import main
 from sparsetrain.controller import BudgetController, SparsityController
+from sparsetrain.init import sparse_init_
 from sparsetrain.metrics import sparsity
 from sparsetrain.optim import LinBreg
 from sparsetrain.regularizers import L1
@@ -79,6 +80,7 @@ def _scores(c):
 def test_budget_controller_state_carries_its_look_ahead():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 10))
+    sparse_init_(model, 0.1)                   # Bregman runs start sparse (a dense start is refused)
     opt = LinBreg(model.parameters(), lr=0.1, reg=L1(1e-3))
     c = BudgetController(opt, model, 0.5, total_steps=100)
     x, y = torch.randn(64, 20), torch.randn(64, 10)

@@ -25,7 +25,7 @@ def _net():
 
 def _xrda_weights(use_native: bool, steps: int = 12, **kw) -> list[torch.Tensor]:
     net = _net()
-    opt = XRDA(param_groups(net, L1(1.0)), lr=0.5, lam=kw.pop("lam", 3e-4), total_steps=20, **kw)
+    opt = XRDA(param_groups(net, L1(lam := kw.pop("lam", 1.0))), lr=0.5, lam=lam, total_steps=20, **kw)
     x, y = torch.randn(16, 2, 8, 8), torch.randint(0, 10, (16,))
     with contextlib.nullcontext() if use_native else native.disabled():
         for _ in range(steps):

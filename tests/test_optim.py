@@ -305,7 +305,7 @@ def _factories():
                                                       foreach=fe),
         "adabreg": lambda m, fe=True: AdaBreg(param_groups(m, SparseGroup(0.01, 0.02, "filters")), lr=0.01,
                                               delta=1.5, foreach=fe),
-        "xrda": lambda m, fe=True: XRDA(param_groups(m, L1(1.0)), lr=0.5, lam=1e-3, tau=2.0, tau_b=2.0,
+        "xrda": lambda m, fe=True: XRDA(param_groups(m, L1(1e-3)), lr=0.5, lam=1e-3, tau=2.0, tau_b=2.0,
                                         total_steps=8, mode="kernel", weight_decay=5e-4, foreach=fe),
         "xrda-normal-callable": lambda m, fe=True: XRDA(m.parameters(), lr=0.3, lam=1e-3, tau=2.0,
                                                         alpha=lambda k: k / (k + 1.0), foreach=fe),
@@ -416,7 +416,7 @@ def test_lam_controller_interface():
     with pytest.raises(UsageError):
         opt.set_lam(-1.0)
 
-    x = XRDA(param_groups(model, L1(1.0)), lr=1.0, lam=1e-3)
+    x = XRDA(param_groups(model, L1(1.0)), lr=1.0, lam=1.0)
     assert x.get_lam() == [1.0, None]
     x.set_lam(2e-3)
     assert x.get_lam() == [2e-3, None] and x.param_groups[0]["lam"] == 2e-3

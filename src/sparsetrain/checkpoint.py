@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,9 +52,38 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~mask
 
 
+class _Passing:
+    """A file for ``torch.save`` that keeps the exception its ``write`` raised: torch's writer
+    turns it into an opaque RuntimeError ("unexpected pos ..."), which would hide a full disk
+    (OSError) or a Ctrl-C (KeyboardInterrupt) from the caller."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save(obj, f) -> None:
+    out = _Passing(f)
+    try:
+        torch.save(obj, out)
+    except RuntimeError:
+        if out.error is not None:
+            raise out.error from None
+        raise
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     """Atomically write ``obj`` (tensors and plain Python containers only) to ``path``."""
-    atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: _save(obj, f))
 
 
 def write_json(obj, path: str | Path) -> None:
@@ -62,19 +92,43 @@ def write_json(obj, path: str | Path) -> None:
     atomic_write(Path(path), lambda f: f.write(data))
 
 
+_CALLS = {"GLOBAL": "imports", "STACK_GLOBAL": "imports", "INST": "calls", "OBJ": "calls", "REDUCE": "calls",
+          "NEWOBJ": "calls", "NEWOBJ_EX": "calls"}
+
+
+def _pickled_call(path: Path) -> str | None:
+    """How the pickle in ``path`` would run code ("imports"/"calls"), read opcode by opcode
+    without executing any; None for bytes that are no pickle (garbage, truncation)."""
+    import pickletools
+    try:
+        with open(path, "rb") as f:
+            for op, _, _ in pickletools.genops(f):
+                if op.name in _CALLS:
+                    return _CALLS[op.name] + " a Python function"
+    except Exception:  # noqa: BLE001 - not a (complete) pickle
+        return None
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`; any problem is a one-line UsageError."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path}: no such file; allowed: a checkpoint.pt written by sparsetrain train")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch's notes on foreign pickles: the error below says it in one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe: all the same to the user
         text = str(e)
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)|([\w.]+) was not an allowed global", text)
+        unsafe = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)|([\w.]+) was not an allowed global", text, re.I)
+        opcode = re.search(r"Unsupported operand (\d+)", text)
         if unsafe:
-            reason = (f"it contains pickled objects other than tensors ({unsafe.group(1) or unsafe.group(2)}; "
-                      f"refused, nothing was executed)")
+            reason = (f"refused: it contains code (a reference to {unsafe.group(1) or unsafe.group(2)}, "
+                      f"not tensors); nothing was executed")
+        elif opcode and _pickled_call(path):   # a plain pickle, not torch's format, that imports or calls
+            reason = (f"refused: it contains code (a pickle that {_pickled_call(path)}, which a weights-only "
+                      f"load does not run); nothing was executed")
         else:
             detail = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else text
             detail = (detail.strip().splitlines() or [type(e).__name__])[0].strip() or type(e).__name__

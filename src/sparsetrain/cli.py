@@ -5,8 +5,10 @@ field and the allowed values, exit code 2, no traceback.
 
 Exit codes: 0 done; 2 bad input (flags, --config file, data, checkpoint, unwritable or full
 --out); 3 training diverged or cannot train (a NaN/inf loss: one line naming the step; a dead
-network — no gradient reaches a layer in the first steps: one line naming the layer; the last
-good checkpoint is kept); 130 interrupted (Ctrl-C; the last finished epoch is kept, continue with --resume).
+network — no gradient reaches a layer in the first steps: one line naming the layer; non-finite
+weights or test loss at the end of an epoch; the last good checkpoint is kept); 130 interrupted
+(Ctrl-C; the last finished epoch is kept, continue with --resume); 143 terminated (SIGTERM; the
+same, and no temporary file is left behind).
 Under ``torchrun`` every rank exits with the same code and one rank prints the message (torchrun
 itself then reports the failed workers and exits 1).
 
@@ -20,6 +22,7 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -114,7 +117,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp32 | bf16 | fp16: autocast dtype of the forward pass (fp16 with a gradient scaler; "
                         "weights and optimizer state stay fp32)")
     g.add_argument("--out", default=None, help="run directory (config, metrics, checkpoint, summary; default: none, nothing written)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
+                   "every setting must equal the saved run's (refused otherwise) except --epochs (a larger value "
+                   "extends the run), --device, --threads and --no-progress")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of the run (default: torch's count; recorded in config.json and reused by "
+                        "--resume: results are bit-identical for the same count)")
     g.add_argument("--val-fraction", type=float, default=0.0,
                    help="seeded validation split of the training set, in [0, 1) (default: 0)")
     g.add_argument("--train-subset", type=int, default=None, help="use only the first N training samples (default: all)")
@@ -219,6 +227,9 @@ def load_config_file(path: str) -> tuple[dict, dict]:
                          f"allowed: a UTF-8 JSON file of train settings") from None
     try:
         raw = json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{where}: nested too deeply; allowed: a flat JSON object of settings (plus one "
+                         f"\"options\" object)") from None
     except ValueError as e:
         raise UsageError(f"{where}: not valid JSON ({getattr(e, 'msg', e)} at line {getattr(e, 'lineno', '?')}); "
                          f"allowed: a JSON object such as {{\"method\": \"dense\", \"epochs\": 5}}") from None
@@ -245,7 +256,11 @@ def load_config_file(path: str) -> tuple[dict, dict]:
     for _, sub in nested:
         if not isinstance(sub, dict):
             raise UsageError(f"{where}: options must be an object of method options, got {json.dumps(sub)}")
-        items += [(str(k).replace("-", "_"), v) for k, v in sub.items()]
+        inner = [(str(k).replace("-", "_"), v) for k, v in sub.items()]
+        if any(k == "options" for k, _ in inner):
+            raise UsageError(f"{where}: options inside options would be ignored; allowed: method options "
+                             f"directly inside the one \"options\" object")
+        items += inner
     for key, value in items:
         if key == "options":
             continue
@@ -291,24 +306,30 @@ def cmd_inspect(args) -> int:
     path = run / "summary.json"
     if not path.is_file():
         raise UsageError(f"inspect: {run} has no summary.json (allowed: a finished run directory written by train)")
-    try:
+    try:   # a hand-edited or foreign summary.json: any missing key or wrong type is one line
         s = json.loads(path.read_text())
-        rows = s["per_layer"]
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"inspect: {path} is not a sparsetrain summary ({e}); "
+        lines = [f"{s.get('method')} on {s.get('model')}/{s.get('data')}: test accuracy {s['test_accuracy']:.4f}, "
+                 f"sparsity {s['sparsity']:.4f}, density {s['density']:.4f}, "
+                 f"compression {s['compression_ratio']:.1f}x"]
+        if "flops" in s:
+            lines.append(f"MACs per input: dense {s['flops']['dense_macs']:,}, sparse {s['flops']['sparse_macs']:,} "
+                         f"({s['flops']['relative']:.4f} of dense)")
+        lines.append(format_table(s["per_layer"]))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        reason = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
+        raise UsageError(f"inspect: {path} is not a sparsetrain summary ({reason[:160]}); "
                          f"allowed: a finished run directory written by train") from None
-    print(f"{s.get('method')} on {s.get('model')}/{s.get('data')}: test accuracy {s['test_accuracy']:.4f}, "
-          f"sparsity {s['sparsity']:.4f}, density {s['density']:.4f}, compression {s['compression_ratio']:.1f}x")
-    if "flops" in s:
-        print(f"MACs per input: dense {s['flops']['dense_macs']:,}, sparse {s['flops']['sparse_macs']:,} "
-              f"({s['flops']['relative']:.4f} of dense)")
-    print(format_table(rows))
+    print("\n".join(lines))
     try:
         from .export import inspect_exports
     except ImportError:
         return 0
     inspect_exports(run)
     return 0
+
+
+class _RawEpilogHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults as in :class:`_HelpFormatter`, description and epilog printed as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             add_train_arguments(sp)
             from .methods.base import model_defaults_text
-            sp.formatter_class = argparse.RawDescriptionHelpFormatter
+            sp.formatter_class = _RawEpilogHelpFormatter      # the defaults table keeps its lines
             sp.epilog = ("per-model defaults (measured on Fashion-MNIST; they replace the method's default "
                          "for that model unless the flag is given):\n" + model_defaults_text())
             sp.set_defaults(func=cmd_train)
@@ -343,7 +364,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so that half-written files are cleaned up as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:      # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C: no .tmp file is left behind
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:    # not the main thread
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "config", None) or getattr(args, "recipe", None):
@@ -357,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "quiet", False):
             print(f"sparsetrain: error: {e}", file=sys.stderr)
         return 3
+    except Terminated:
+        print("sparsetrain: terminated (SIGTERM); the last finished epoch is saved (continue with --resume)",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("sparsetrain: interrupted; the last finished epoch is saved (continue with --resume)", file=sys.stderr)
         return 130

@@ -59,6 +59,9 @@ _STANDARD = {"method", "model", "data", "epochs", "test_accuracy", "test_loss", 
 
 
 # ============================================================================ input checking
+MAX_SEEDS = 1000
+
+
 def parse_sparsities(text) -> list[float]:
     """``"0.9,0.95"`` (or a list of numbers) -> [0.9, 0.95]; every value in [0, 1)."""
     items = text.split(",") if isinstance(text, str) else list(text if isinstance(text, Iterable) else [text])
@@ -239,8 +242,8 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
     choice(data, "--data", DATASETS)
     check(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0, "--epochs", "an integer > 0",
           epochs)
-    check(isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0, "--seeds",
-          "an integer > 0 (the number of seeds, 0 … N−1)", seeds)
+    check(isinstance(seeds, int) and not isinstance(seeds, bool) and 0 < seeds <= MAX_SEEDS, "--seeds",
+          f"an integer in [1, {MAX_SEEDS}] (the number of seeds, 0 … N−1)", seeds)
     if not sparsities and any(_has_target(m) for m in methods):
         raise UsageError("--sparsity: at least one target is required for "
                          f"{', '.join(m for m in methods if _has_target(m))}; allowed: numbers in [0, 1)")
@@ -333,6 +336,7 @@ def _row(run: dict, summary: dict, run_dir: Path, out: Path) -> dict:
             "epochs": summary.get("epochs", run["cfg"].epochs), "wall_seconds": summary.get("wall_seconds"),
             "epoch_seconds": summary.get("epoch_seconds"),
             "flops_relative": (summary.get("flops") or {}).get("relative"),
+            "target_met": summary.get("target_met"),
             "per_layer": [{"layer": r["layer"], "shape": r.get("shape"), "numel": r["numel"], "nnz": r["nnz"],
                            "density": r["density"]} for r in summary.get("per_layer", [])],
             "extras": extras}
@@ -369,7 +373,9 @@ def aggregate(rows: list[dict], settings: dict) -> list[dict]:
             for layer in r.get("per_layer", []):
                 layers.setdefault(layer["layer"], []).append(layer["density"])
                 shapes.setdefault(layer["layer"], layer.get("shape"))
+        met = [r.get("target_met") for r in rs if r.get("target_met") is not None]
         out.append({"method": method, "target": target, "reference": target is None, "n": len(rs),
+                    "target_met": None if not met else all(met),
                     "seeds": sorted(r["seed"] for r in rs),
                     "test_accuracy_mean": acc, "test_accuracy_std": acc_std,
                     "sparsity_mean": sp, "sparsity_std": sp_std, "density_mean": de, "density_std": de_std,
@@ -445,13 +451,17 @@ def markdown(results: dict) -> str:
             f"{a['wall_seconds_mean']:.1f} s"
         target = "—" if a["target"] is None else f"{100 * a['target']:g}"
         name = a["method"] + (" (reference)" if a["reference"] else "")
+        achieved = _pct(a['sparsity_mean']) + (" ⚠ missed" if a.get("target_met") is False else "")
         epoch_s, rel = a.get("epoch_seconds_mean"), a.get("epoch_time_vs_dense")
         epoch = "—" if epoch_s is None or math.isnan(epoch_s) else f"{epoch_s:.2f} s" + (
             f" ({rel:.2f}×)" if rel is not None else "")
-        return f"| {name} | {target} | {_pct(a['sparsity_mean'])} | {acc} | {delta} | {ep} | {wall} | {epoch} |"
+        return f"| {name} | {target} | {achieved} | {acc} | {delta} | {ep} | {wall} | {epoch} |"
 
     for a in sorted(aggs, key=lambda a: (not a["reference"], -1 if a["target"] is None else a["target"])):
         lines.append(cell(a))
+    if any(a.get("target_met") is False for a in aggs):
+        lines += ["", "⚠ missed: at least one seed of the cell ended more than 0.5 percentage points away from "
+                      "its target sparsity (target_met false in its summary.json)."]
     if results.get("failed"):
         lines += ["", "Diverged runs (NaN loss; not in the table):", ""]
         lines += [f"- {f['name']}: {f['error']}" for f in results["failed"]]

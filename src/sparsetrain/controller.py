@@ -40,11 +40,13 @@ import torch
 from torch import nn
 
 from .errors import UsageError, check, choice
+from .optim import BregmanOptimizer
 from .params import prunable_weights
 from .regularizers import L1
 
 DISTRIBUTIONS = ("global", "uniform", "erk")
 GROW_MARGIN = 1e-3
+START_TOLERANCE = 0.005     # a BudgetController's start may exceed the target density by this much
 
 
 class _Budget:
@@ -80,13 +82,16 @@ def _densities(budgets: list[_Budget]) -> list[float]:
         i += len(b.params)
     return out
 
-
 class SparsityController:
     def __init__(self, optimizer, model: nn.Module, sparsity: float, total_steps: int, *,
                  every: int = 5, ramp: float = 0.75, gain: float = 1.0, max_factor: float = 2.0,
                  min_lam: float = 1e-12, distribution: str = "global"):
         check(0 <= sparsity < 1, "--sparsity", "in [0, 1)", sparsity)
         check(0 < ramp <= 1, "ramp", "in (0, 1]", ramp)
+        if isinstance(optimizer, BregmanOptimizer) and not isinstance(self, BudgetController):
+            raise UsageError(f"optimizer: a SparsityController scales λ of methods that remove weights; "
+                             f"{type(optimizer).__name__} adds weights (a larger λ only stops admitting "
+                             f"them); allowed: BudgetController for LinBreg/AdaBreg")
         self.optimizer, self.model = optimizer, model
         self.target = 1.0 - sparsity
         self.total_steps, self.every, self.ramp = max(1, total_steps), every, ramp
@@ -258,6 +263,14 @@ class BudgetController(SparsityController):
         transfer: the largest score, the k-th and (k+1)-th largest, how many of the top k+1
         carry evidence (> 0) and the smallest of those."""
         plans, stats = [], []
+        total = sum(b.numel for b in self.budgets) or 1
+        start = sum((b.start or 0.0) * b.numel for b in self.budgets) / total
+        target = sum(b.target * b.numel for b in self.budgets) / total
+        if start > target + START_TOLERANCE:    # (one layer may start above its own: the init floor)
+            raise UsageError(f"BudgetController: the network starts at density {start:.4f}, denser than "
+                             f"the target {target:.4f}; Bregman iterations only add weights, so it cannot "
+                             f"come down to it; allowed: a sparse start (sparse_init_ with a density <= "
+                             f"{target:g})")
         for b, d in zip(self.budgets, dens):
             zeros = int(round((1.0 - d) * b.numel))
             if zeros == 0:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 import struct
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +74,11 @@ def dataset_info(name: str) -> DatasetInfo:
 def _open(path: Path) -> bytes:
     for p in (path, path.with_name(path.name + ".gz")):
         if p.exists():
+            if not p.is_file():   # a FIFO or device would block or never end
+                raise UsageError(f"data file {p}: not a regular file; allowed: the dataset's original file")
             try:
                 return gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 raise UsageError(f"data file {p}: unreadable ({e}); allowed: the dataset's original file "
                                  f"(delete it and fetch it again)") from None
     raise FileNotFoundError(path)
@@ -87,10 +91,14 @@ def read_idx(path: Path) -> np.ndarray:
         raise UsageError(f"data file {path}: not an unsigned-byte IDX file; allowed: the dataset's original "
                          f"IDX files (optionally gzipped)")
     ndim = raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise UsageError(f"data file {path}: malformed IDX header ({ndim} dimensions declared, {len(raw)} bytes); "
+                         f"allowed: the dataset's original IDX files")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise UsageError(f"data file {path}: truncated (expected {int(np.prod(dims))} values, found {data.size}); "
+    count = math.prod(dims)
+    if data.size != count:
+        raise UsageError(f"data file {path}: truncated (expected {count} values, found {data.size}); "
                          f"allowed: a complete IDX file (delete it and fetch it again)")
     return data.reshape(dims)
 
@@ -108,6 +116,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if Path(path).exists() and not Path(path).is_file():
+        raise UsageError(f"data file {path}: not a regular file; allowed: the dataset's original file")
     try:
         d = _CifarUnpickler(io.BytesIO(Path(path).read_bytes()), encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
@@ -130,8 +140,12 @@ def _candidates(info: DatasetInfo, data_dir: str | None) -> list[Path]:
     return out
 
 
+def _missing(d: Path, info: DatasetInfo) -> list[str]:
+    return [f for f in info.files if not ((d / f).exists() or (d / (f + ".gz")).exists())]
+
+
 def _has_files(d: Path, info: DatasetInfo) -> bool:
-    return all((d / f).exists() or (d / (f + ".gz")).exists() for f in info.files)
+    return not _missing(d, info)
 
 
 def _download(info: DatasetInfo, root: Path) -> Path:
@@ -155,7 +169,18 @@ def locate(name: str, data_dir: str | None = None, download: bool = True) -> Pat
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UsageError(f"--data-dir: {data_dir} is not a readable directory; allowed: a directory holding "
                          f"the dataset's files")
-    for d in _candidates(info, data_dir):
+    candidates = _candidates(info, data_dir)
+    if data_dir is not None:     # a directory the user named is used in full or refused, never skipped
+        own = [d for d in candidates[:4] if d.is_dir()]
+        for d in own:
+            if _has_files(d, info):
+                return d
+        partial = [d for d in own if _missing(d, info) != list(info.files)]
+        if partial:
+            raise UsageError(f"--data-dir: {partial[0]} lacks {', '.join(_missing(partial[0], info))} of --data "
+                             f"{name}; allowed: a directory holding all of {', '.join(info.files)} (optionally .gz)")
+        candidates = candidates[:4]
+    for d in candidates:
         if d.is_dir() and _has_files(d, info):
             return d
     root = Path(data_dir or os.environ.get("SPARSETRAIN_DATA") or Path.home() / ".cache" / "sparsetrain")
@@ -177,17 +202,39 @@ def load_arrays(name: str, data_dir: str | None = None, download: bool = True):
     d = locate(name, data_dir, download)
     if name in ("mnist", "fashion-mnist"):
         xs = [read_idx(d / f) for f in info.files]
+        for f, a, shape in zip(info.files, xs, (info.in_shape[1:], (), info.in_shape[1:], ())):
+            if a.shape[1:] != shape:
+                what = f"images of {'×'.join(map(str, shape))} pixels" if shape else "one label per sample"
+                raise UsageError(f"data file {d / f}: shape {a.shape} where --data {name} has {what}; allowed: "
+                                 f"the dataset's original files")
         xtr, ytr, xte, yte = xs[0][:, None], xs[1].astype(np.int64), xs[2][:, None], xs[3].astype(np.int64)
         if len(xtr) != len(ytr) or len(xte) != len(yte):
             raise UsageError(f"--data-dir {d}: image and label counts differ ({len(xtr)}/{len(ytr)} train, "
                              f"{len(xte)}/{len(yte)} test); allowed: matching image and label files")
-        return xtr, ytr, xte, yte
+        return _checked(name, d, xtr, ytr, xte, yte)
     if name == "cifar10":
         parts = [read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6) if (d / f"data_batch_{i}").exists()]
         te = read_cifar_batch(d / "test_batch")
     else:
         parts, te = [read_cifar_batch(d / "train")], read_cifar_batch(d / "test")
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), te[0], te[1])
+    return _checked(name, d, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                    te[0], te[1])
+
+
+def _checked(name: str, d: Path, xtr, ytr, xte, yte):
+    """The arrays, once every split holds samples with labels in [0, num_classes)."""
+    classes = dataset_info(name).num_classes
+    for split, x, y in (("training", xtr, ytr), ("test", xte, yte)):
+        if len(x) != len(y):
+            raise UsageError(f"--data-dir {d}: {split} image and label counts differ ({len(x)}/{len(y)}); "
+                             f"allowed: matching image and label files")
+        if len(y) == 0:
+            raise UsageError(f"--data-dir {d}: the {split} files hold no samples; allowed: the dataset's files")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= classes:
+            raise UsageError(f"--data-dir {d}: {split} labels range over [{lo}, {hi}] but --data {name} has "
+                             f"{classes} classes; allowed: labels in [0, {classes - 1}]")
+    return xtr, ytr, xte, yte
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -271,6 +318,9 @@ def make_loaders(name: str = "fashion-mnist", data_dir: str | None = None, batch
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     if train_subset:
         tr_idx = tr_idx[:train_subset]
+    if len(tr_idx) == 0:
+        raise UsageError(f"--val-fraction: {val_fraction:g} of {len(xtr)} samples leaves none to train on; "
+                         f"allowed: a fraction that keeps at least one training sample")
     x_all, y_all = normalize(xtr, info), torch.from_numpy(np.array(ytr))
     x_test, y_test = normalize(xte, info), torch.from_numpy(np.array(yte))
     if test_subset:

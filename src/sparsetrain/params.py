@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 from torch import nn
 
+from .errors import UsageError
+
 SPARSE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -73,6 +75,12 @@ def param_groups(model: nn.Module, reg=None, *, include: str | None = None,
     ``weight_orig × weight_mask``); a layer whose weight is computed by
     ``torch.nn.utils.parametrize`` is refused with a UsageError, never left silently unregularized.
     """
+    for arg, pattern in (("include", include), ("exclude", exclude)):
+        try:
+            re.compile(pattern or "")
+        except (re.error, TypeError) as e:
+            raise UsageError(f"{arg}: not a regular expression ({e}): {pattern!r}; allowed: a Python re "
+                             f"pattern over layer names, e.g. 'fc$'") from None
     selector: Callable = reg if callable(reg) and not hasattr(reg, "prox") else (lambda *_: reg)
     groups: dict[int, dict] = {}
     rest: list[nn.Parameter] = []

@@ -8,10 +8,16 @@ Run directory ``--out``:
   checkpoint.pt   model, optimizer, scheduler, method state, history — written atomically at the
                   end of every epoch; ``--resume`` continues from it
   summary.json    final test_accuracy in [0, 1], sparsity, density, compression_ratio,
-                  per_layer, flops, wall_seconds (+ method extras)
+                  per_layer, flops, wall_seconds (+ method extras; target_sparsity and
+                  target_met for methods with a target)
+  .lock           held while a run writes there (:mod:`sparsetrain.runlock`): one run per directory
 
 Reproducibility: the model is initialised from ``seed``; epoch e's batch order is drawn from
 ``seed`` and e alone, so a resumed run replays exactly the batches of an uninterrupted one.
+Bit-identity holds for one CPU thread count (sums are split by thread): a run fixes its count
+(``threads``, recorded in config.json) and ``--resume`` reuses it. Weights and evaluation are
+checked for NaN/inf before every checkpoint (FloatingPointError, exit 3): a checkpoint holds
+good state only. What ``--resume`` may change: :mod:`sparsetrain.resume`.
 """
 from __future__ import annotations
 
@@ -19,10 +25,12 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +47,8 @@ from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
 from .methods import BuildContext, Strategy, get_method
 from .models import MODELS, build_model, check_input
+from .resume import check_resume_config
+from .runlock import RunLock
 from . import distributed as dist
 from .liveness import DeadNetworkError, LivenessCheck
 
@@ -49,6 +59,8 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: the training set is kept on the GPU when it takes at most this fraction of the free memory
 GPU_DATA_FRACTION = 0.25
 CHECKPOINT = "checkpoint.pt"
+MAX_LR = 1e30                # beyond float32 range once scaled: an overflow, not a divergence
+TARGET_TOLERANCE = 0.005     # |achieved − target sparsity| within which a target counts as met
 
 
 @dataclass
@@ -74,9 +86,11 @@ class TrainConfig:
     progress: bool = True
     precision: str = "fp32"
     pattern: str | None = None            # N:M structured sparsity, e.g. "2:4"
+    threads: int | None = None            # None: torch's count at the start (recorded in config.json)
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, custom_data: bool = False, custom_model: bool = False) -> "TrainConfig":
+        self._check_types()
         method = get_method(self.method)
         if not custom_model:       # a user's nn.Module: model is its class path (usermodel.py)
             choice(self.model, "--model", MODELS)
@@ -87,24 +101,53 @@ class TrainConfig:
         check(isinstance(self.batch_size, int) and self.batch_size > 0, "--batch-size", "an integer > 0", self.batch_size)
         if self.lr is None:
             self.lr = method.default_lr(self.model)
-        check(math.isfinite(self.lr) and self.lr > 0, "--lr", "a number > 0", self.lr)
-        check(self.weight_decay >= 0, "--weight-decay", ">= 0", self.weight_decay)
+        check(math.isfinite(self.lr) and 0 < self.lr <= MAX_LR, "--lr", f"a number > 0 and <= {MAX_LR:g} (float32 range)", self.lr)
+        check(0 <= self.weight_decay < 1, "--weight-decay", ">= 0 and < 1", self.weight_decay)
+        check(0 <= self.seed < 2**32, "--seed", f"an integer in [0, {2**32 - 1}]", self.seed)
+        check(self.out is None or str(self.out).strip() != "", "--out", "a directory path (not empty)", self.out)
         check(0 <= self.val_fraction < 1, "--val-fraction", "in [0, 1)", self.val_fraction)
         check(0 < self.gamma <= 1, "--gamma", "in (0, 1]", self.gamma)
         check(all(0 < m < 1 for m in self.milestones), "--milestones", "fractions in (0, 1)", self.milestones)
         for name in ("train_subset", "test_subset"):
             v = getattr(self, name)
             check(v is None or v > 0, "--" + name.replace("_", "-"), "an integer > 0", v)
+        check(self.threads is None or (isinstance(self.threads, int) and 0 < self.threads <= 4096), "--threads",
+              "an integer in [1, 4096]", self.threads)
         choice(self.device if not self.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda", "mps"))
         choice(self.precision, "--precision", PRECISIONS)
         nm.parse_pattern(self.pattern)
         self.options = method.resolve(self.options, self.model)
         return self
 
+    def _check_types(self) -> None:
+        """Python-API values of the wrong type: a one-line error naming the argument (the CLI
+        and --config files hand over typed values)."""
+        for f in dataclasses.fields(self):
+            value, ann = getattr(self, f.name), str(f.type)
+            if f.name == "options":
+                ok = isinstance(value, dict)
+            elif value is None:
+                ok = "None" in ann
+            elif ann.startswith("tuple"):
+                ok = isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)
+            else:
+                kind = ann.split("|")[0].strip()
+                ok = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "float": _is_number,
+                      "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool)}[kind](value)
+            if not ok:
+                raise UsageError(f"{f.name}: must be of type {ann}, got {value!r} ({type(value).__name__})")
+            if value is not None and ann.split("|")[0].strip() in ("int", "float"):   # numpy scalars too
+                setattr(self, f.name, int(value) if ann.startswith("int") else float(value))
+        self.milestones = tuple(float(m) for m in self.milestones)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,6 +159,10 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device: {name} requested but CUDA is not available; allowed here: auto, cpu")
     if name == "cuda":
         return torch.device("cuda", dist.local_rank())
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise UsageError("--device: mps requested but MPS is not available here; allowed here: auto, cpu"
+                         + (", cuda" if torch.cuda.is_available() else ""))
     return torch.device(name)
 
 
@@ -210,13 +257,25 @@ class Trainer:
                  model_args: dict | None = None):
         if model is not None:
             cfg.model = usermodel.class_path(model)
+        self.threads_given = cfg.threads is not None      # else --resume takes the saved run's count
         self.cfg = cfg.validate(custom_data=loaders is not None, custom_model=model is not None)
+        if cfg.threads is None:
+            cfg.threads = torch.get_num_threads()
         self.device = resolve_device(cfg.device)
         self.rank, self.world_size = dist.setup(self.device)
         self.is_main = self.rank == 0
         self.out = Path(cfg.out) if cfg.out else None
+        self.lock: RunLock | None = None
         if self.out is not None:   # rank 0 alone touches --out; a failure there stops every rank
             dist.agree(self._prepare_out_dir if self.is_main else None)
+        try:
+            self._build(cfg, loaders, model, model_args)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, cfg: TrainConfig, loaders: Loaders | None, model: nn.Module | None,
+               model_args: dict | None) -> None:
         seed_everything(cfg.seed)
         if loaders is None:        # every rank reads the data (on every node): agree on failures
             box = {}
@@ -234,6 +293,10 @@ class Trainer:
                                      describe=self.out is not None and self.is_main)
             self.user_model = entry if self.out is not None else None
         self.model = (model or build_model(cfg.model, info.in_shape, info.num_classes)).to(self.device)
+        empty = [f"{n} {tuple(p.shape)}" for n, p in self.model.named_parameters() if p.numel() == 0]
+        if empty:   # found now, not after training when its summary divides by its size
+            raise UsageError(f"model: zero-size parameter {', '.join(empty[:3])}; allowed: layers with at least "
+                             f"one weight")
         check_input(self.model, self.in_shape, info.num_classes, self.device,
                     "--model" if model is None else "model", cfg.model if model is None else type(model).__name__,
                     info.name)
@@ -271,7 +334,9 @@ class Trainer:
             probe.unlink()
         except OSError as e:
             raise UsageError(f"--out: {out} is not writable ({e.strerror or e}); allowed: a writable directory") from None
+        self.lock = RunLock(out)                        # held until run() returns or fails
         if (out / CHECKPOINT).exists() and not self.cfg.resume:
+            self.release()
             raise UsageError(f"--out: {out} already holds a run; allowed: --resume to continue it, or another --out")
         for name in (CHECKPOINT, "metrics.jsonl", "config.json", "summary.json"):
             for stale in out.glob(f".{name}.*.tmp"):    # left by a write that was killed
@@ -304,7 +369,11 @@ class Trainer:
         try:
             self.model.load_state_dict(ck["model"])
             self.strategy.load_state_dict(ck.get("strategy", {}))
-            self.strategy.optimizer.load_state_dict(ck["optimizer"])
+            opt = self.strategy.optimizer   # step counts derived from --epochs: this run's (it may extend)
+            fresh = [{k: g[k] for k in ("total_steps", "milestones") if k in g} for g in opt.param_groups]
+            opt.load_state_dict(ck["optimizer"])
+            for g, keep in zip(opt.param_groups, fresh):
+                g.update(keep)
             self.scheduler.load_state_dict(ck["scheduler"])
             self.step, self.history, self.wall = ck["step"], list(ck["history"]), ck.get("wall", 0.0)
             self.start_epoch = ck["epoch"]
@@ -325,17 +394,20 @@ class Trainer:
                 return
             ck = load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
             old = ck.get("config", {})
-            old = old if isinstance(old, dict) else {}
-            for key in ("method", "model", "data", "seed", "batch_size", "epochs"):
-                if key in old and old[key] != getattr(self.cfg, key):
-                    raise UsageError(f"--resume: --{key.replace('_', '-')} differs from the run in {self.out} "
-                                     f"({getattr(self.cfg, key)!r} vs {old[key]!r}); allowed: the original value")
+            check_resume_config(self.cfg, old if isinstance(old, dict) else {}, self.out)
+            done = ck.get("epoch")
+            if isinstance(done, int) and done > self.epochs:
+                raise UsageError(f"--resume: --epochs {self.cfg.epochs} is fewer than the {done} epochs the run in "
+                                 f"{self.out} has done; allowed: --epochs >= {done} (a larger value extends the run)")
             box["ck"] = ck
 
         dist.agree(read if self.is_main else None)
         ck = dist.broadcast_object(box.get("ck"))
         if ck is None:
             return
+        saved = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+        if not self.threads_given and isinstance(saved.get("threads"), int) and saved["threads"] > 0:
+            self.cfg.threads = saved["threads"]
         ck = {k: v if k == "rng" else _to_device(v, self.device) for k, v in ck.items()}
         dist.agree(lambda: self.load_state_dict(ck))
 
@@ -402,8 +474,24 @@ class Trainer:
                 bar.set_postfix(loss=f"{value:.3f}")
         return total / max(n, 1)
 
+    def release(self) -> None:
+        """Give up the lock on ``--out`` (run() does so when it returns or fails)."""
+        if self.lock is not None:
+            self.lock.release()
+
     def run(self) -> dict:
+        threads = torch.get_num_threads()
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+            self.release()
+
+    def _run(self) -> dict:
         self._maybe_resume()
+        # results are bit-identical for a given thread count (reductions split by thread): a run
+        # uses one count throughout, recorded in config.json and taken over by --resume
+        torch.set_num_threads(self.cfg.threads)
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "config.json", lambda: write_json(
                 self.cfg.to_dict(), self.out / "config.json"))) if self.is_main else None)
@@ -434,6 +522,7 @@ class Trainer:
                    "train_seconds": round(train_seconds, 3), **self.strategy.log()}
             if self.loaders.val is not None:
                 row["val_accuracy"] = self.evaluate(self.loaders.val)[1]
+            self._check_finite(row)
             self.history.append(row)
             if dist.is_multi():
                 dist.check_in_sync(self._state_tensors())
@@ -442,6 +531,19 @@ class Trainer:
             if self.out is not None:
                 dist.agree(self._save if self.is_main else None)
         return self.finish()
+
+    def _check_finite(self, row: dict) -> None:
+        """A non-finite weight or evaluation stops the run before it is checkpointed (exit 3):
+        a checkpoint holds good state only, so --resume and export never start from NaNs."""
+        bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(row[k])]
+        bad += [f"{name} has non-finite values" for name, t in self.model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())][:3]
+        if bad:
+            what = ", ".join(f"{b} is {row[b]}" if b in row else b for b in bad)
+            err = FloatingPointError(f"epoch {row['epoch']}: {what}; the last good checkpoint is kept "
+                                     f"(not this epoch); try a smaller --lr")
+            err.quiet = not self.is_main
+            raise err
 
     def _save(self) -> None:
         self._write(self.out / CHECKPOINT, lambda: save_checkpoint(self.state_dict(), self.out / CHECKPOINT))
@@ -467,6 +569,14 @@ class Trainer:
                    **metrics.summary(self.model, self.in_shape), "wall_seconds": round(self.wall, 2),
                    "epoch_seconds": _epoch_seconds(self.history), "precision": self.cfg.precision,
                    "options": self.cfg.options, **extras}
+        target = self.cfg.options.get("sparsity")
+        if target is not None:   # a missed target is reported, not passed off as a result at that target
+            summary["target_sparsity"] = target
+            summary["target_met"] = abs(summary["sparsity"] - target) <= TARGET_TOLERANCE
+            if not summary["target_met"] and self.is_main:
+                print(f"sparsetrain: warning: {self.cfg.method} ended at sparsity {summary['sparsity']:.4f}, "
+                      f"missing its target {target:g} by more than {TARGET_TOLERANCE:g} (target_met: false in "
+                      f"summary.json); more --epochs or another --lr may reach it", file=sys.stderr)
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "summary.json", lambda: write_json(
                 summary, self.out / "summary.json"))) if self.is_main else None)

@@ -332,6 +332,10 @@ def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None) -> tupl
         in_shape, num_classes = tuple(info.in_shape), info.num_classes
         model = model if model is not None else build_model(name, in_shape, num_classes)
     _load_into(model, state, f"checkpoint {run / 'checkpoint.pt'}")
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:   # train never checkpoints such a state; an export of it would only carry NaNs along
+        raise UsageError(f"checkpoint {run / 'checkpoint.pt'}: {', '.join(bad[:3])} has non-finite values; "
+                         f"allowed: the checkpoint of a run that did not diverge")
     return model.eval(), {"model": name, "data": data, "in_shape": list(in_shape), "num_classes": num_classes}
 
 

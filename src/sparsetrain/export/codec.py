@@ -185,9 +185,27 @@ def encode_state(state: dict[str, torch.Tensor], compress: bool = True) -> tuple
     return tensors, codings
 
 
+# elements a file may declare per stored byte (zeros are not stored: a 99.9 %-sparse weight in the
+# gaps coding stores ~5 bytes per 1000 elements), beyond a floor that any file may declare
+ELEMENTS_PER_BYTE = 4096
+ELEMENTS_FLOOR = 1 << 24
+
+
 def decode_state(codings: dict, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not isinstance(codings, dict):
         raise UsageError("codings: must be a JSON object")
+    # check the declared sizes against what the file holds before allocating anything
+    have = sum(t.numel() * t.element_size() for t in stored.values())
+    declared = 0
+    for info in codings.values():
+        try:
+            declared += max(0, math.prod(int(d) for d in info["shape"]))
+        except (KeyError, TypeError, ValueError):
+            pass                                  # decode() names the bad record
+    if declared > ELEMENTS_PER_BYTE * have + ELEMENTS_FLOOR:
+        raise UsageError(f"codings: declare {declared:,} elements but the file stores {have:,} bytes of tensor "
+                         f"data (at most {ELEMENTS_PER_BYTE} elements per byte); refused before allocating; "
+                         f"allowed: a file written by `sparsetrain export`")
     return {name: decode(name, info, stored) for name, info in codings.items()}
 
 
@@ -206,6 +224,17 @@ def write_file(path: str | Path, state: dict[str, torch.Tensor], meta: dict, com
 
 
 _JSON_KEYS = ("in_shape", "num_classes", "codings", "architecture", "layers", "extra")
+
+
+def _check_meta(meta: dict) -> None:
+    """``in_shape`` (C, H, W) and ``num_classes``: positive integers (or null), since models are
+    built from them."""
+    shape, classes = meta.get("in_shape"), meta.get("num_classes")
+    pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 20  # noqa: E731
+    if shape is not None and not (isinstance(shape, list) and 1 <= len(shape) <= 3 and all(map(pos_int, shape))):
+        raise UsageError(f"in_shape: must be a list of 1 to 3 positive integers (C, H, W) or null, got {shape!r}")
+    if classes is not None and not pos_int(classes):
+        raise UsageError(f"num_classes: must be a positive integer or null, got {classes!r}")
 
 
 def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -232,6 +261,7 @@ def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         for key in _JSON_KEYS:
             if key in meta:
                 meta[key] = json.loads(meta[key])
+        _check_meta(meta)
         state = decode_state(meta.get("codings", {}), stored)
     except UsageError as e:
         raise UsageError(f"export {path}: {e}") from None

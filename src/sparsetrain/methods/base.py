@@ -18,6 +18,9 @@ plain Python values only: checkpoints load with ``weights_only=True``).
 """
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -51,9 +54,19 @@ class Option:
     def check(self, value):
         if value is None:
             return value
+        kind = {int: numbers.Integral, float: numbers.Real}.get(self.type, self.type)
+        if not isinstance(value, kind) or (self.type is not bool and isinstance(value, bool)):
+            # only Python callers can get here (flags and --config values are typed): name the argument
+            raise UsageError(f"{self.name}: must be of type {self.type.__name__}, got {value!r} "
+                             f"({type(value).__name__})")
+        if self.type in (int, float):
+            value = self.type(value)                    # numpy scalars become plain numbers
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}"
                              f"{did_you_mean(value, self.choices)}")
+        if self.type is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise UsageError(f"{self.flag}: must be a finite number{' ' + self.allowed if self.allowed else ''}, "
+                             f"got {value!r}")
         if self.valid is not None and not self.valid(value):
             raise UsageError(f"{self.flag}: must be {self.allowed}, got {value!r}")
         return value
@@ -70,6 +83,18 @@ def nonnegative(name, default, help, type=float):
 
 def fraction(name, default, help, allowed="in [0, 1)", valid=lambda v: 0 <= v < 1):
     return Option(name, float, default, help, allowed, valid)
+
+
+def _is_regex(text: str) -> bool:
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
+
+
+def regex_option(name, help):
+    return Option(name, str, "", help, "a valid regular expression (Python re), e.g. 'fc$'", _is_regex)
 
 
 def sparsity_option(default=0.9):

@@ -57,8 +57,13 @@ def distribution_option(default: str, choices: tuple[str, ...]) -> Option:
     return Option("distribution", str, default, DISTRIBUTION_HELP, choices=choices)
 
 
-def int_option(name, default, help, minimum=0):
-    return Option(name, int, default, help, f"an integer >= {minimum}", lambda v: v >= minimum)
+MAX_LEVELS = 100      # IMP rounds (each --epochs long)
+
+
+def int_option(name, default, help, minimum=0, maximum=None):
+    if maximum is None:
+        return Option(name, int, default, help, f"an integer >= {minimum}", lambda v: v >= minimum)
+    return Option(name, int, default, help, f"an integer in [{minimum}, {maximum}]", lambda v: minimum <= v <= maximum)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -339,7 +344,7 @@ class IMP(MaskedStrategy):
 @register("imp", "iterative magnitude pruning with weight rewinding (lottery ticket); runs --levels × --epochs "
           "epochs", lr=0.1,
           options=(sparsity_option(), int_option("levels", 5, "IMP rounds of --epochs each; the last trains at "
-                                                 "--sparsity (imp)", 2),
+                                                 "--sparsity (imp)", 2, MAX_LEVELS),
                    int_option("rewind_step", -1, "optimizer step whose weights IMP rewinds to (imp; "
                                                  "-1: the end of the first epoch; 0: the initialisation)", -1),
                    PRUNE_DISTRIBUTION, momentum_option(0.9)))

@@ -27,10 +27,12 @@ from ..regularizers import L1, make_regularizer
 from ..controller import DISTRIBUTIONS, BudgetController, SparsityController
 from ..optim import BregmanOptimizer
 from .base import (BuildContext, Option, Strategy, fraction, momentum_option, nonnegative, positive,
-                   register)
+                   regex_option, register)
 
 
 DEFAULT_SPARSITY = 0.9
+MAX_DELTA = 100.0
+MIN_INIT_DENSITY = 1e-4
 DEFAULT_LAM = 1e-3
 # xRDA's threshold is λ·T, and T accumulates s·b with b up to M (500): a starting λ of 1e-3 removes
 # most weights in the first steps, and units whose weights all go to zero die for good (a ReLU
@@ -136,13 +138,15 @@ REG_OPTIONS = (
     Option("reg", str, "l1", "regularizer on Linear/Conv weights", choices=REGS),
     nonnegative("lam", None, "regularization strength λ (fixed unless --sparsity is given)"),
     Option("groups", str, "kernels", "conv grouping for group regularizers", choices=("kernels", "filters")),
-    Option("exclude", str, "", "regex of layer names kept dense and unregularized (e.g. 'fc$')"),
+    regex_option("exclude", "regex of layer names kept dense and unregularized (e.g. 'fc$')"),
     TARGET,
 )
 BREGMAN_OPTIONS = REG_OPTIONS + (
-    positive("delta", 1.0, "elastic-net parameter δ of J_δ = J + ‖·‖²/(2δ)"),
+    Option("delta", float, 1.0, "elastic-net parameter δ of J_δ = J + ‖·‖²/(2δ) (w = δ·shrink(v): a δ far above "
+           "1 multiplies the step)", f"> 0 and <= {MAX_DELTA:g}", lambda v: 0 < v <= MAX_DELTA),
+    # the sparse initialisation scales its weights by 1/√p: below MIN_INIT_DENSITY they start huge
     Option("init_density", float, 0.002, "density p of the sparse initialisation (1 = dense init)",
-           "in (0, 1]", lambda v: 0 < v <= 1),
+           f"in [{MIN_INIT_DENSITY:g}, 1]", lambda v: MIN_INIT_DENSITY <= v <= 1),
     Option("init_scale", float, 0.0, "scale r of the sparse initialisation (0 = 1/√p)", ">= 0", lambda v: v >= 0),
     Option("init_distribution", str, "erk", "how --init-density is spread over layers (uniform | erk); every "
            "output unit gets at least one weight", choices=ALLOCATIONS),
@@ -210,7 +214,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
               positive("tau_b", 9.5, "reweighting time scale τ_b"),
               Option("averaging", str, "cosine", "schedule of s and α (step: halve s, move α halfway to 1 "
                      "at --milestones)", choices=("cosine", "step")),
-              Option("exclude", str, "", "regex of layer names kept dense and unregularized"),
+              regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET,
               budget_option("global"),
           ))
@@ -229,7 +233,7 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
           options=(
               positive("c", None, "threshold constant c (fixed unless --sparsity is given)"),
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
-              Option("exclude", str, "", "regex of layer names kept dense and unregularized"),
+              regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET,
           ))
 def build_grda(model, ctx: BuildContext) -> Strategy:

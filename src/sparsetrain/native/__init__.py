@@ -7,7 +7,9 @@ a row's 64 output columns in registers does better). ``kernels.c`` is plain C wi
 torch headers: it builds in well under a second with the system C compiler
 (``cc -O3 -march=native``), once per machine and source version, into the cache directory
 (``$SPARSETRAIN_CACHE``, else ``~/.cache/sparsetrain``; written atomically, so concurrent
-processes may race safely).
+processes may race safely). A cached library is loaded only when the sha256 recorded beside it
+(``kernels-KEY.so.sha256``: the key, a hash of source + compiler + flags + CPU, and the library's
+own hash) matches and neither it nor the directory is writable by other users; else it is rebuilt.
 
 Everything here is optional: without a C compiler, with ``SPARSETRAIN_NATIVE=0``, on CUDA, for
 non-float32 or non-contiguous tensors the callers use their torch path, which computes the same
@@ -82,24 +84,64 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a cache directory or file that another user could have written (a planted library
+    would run with our rights)."""
+    st = path.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise RuntimeError(f"{path} is writable by other users or not ours; not loading native code from it "
+                           f"(set SPARSETRAIN_CACHE to a private directory)")
+
+
+def _verified(out: Path, key: str) -> bool:
+    """Whether ``out`` is the library we built for ``key``: its sidecar ``.sha256`` (written by
+    :func:`_build`) records the key (a hash of source, compiler, flags and CPU) and the library's
+    own sha256, and both match."""
+    try:
+        recorded = Path(str(out) + ".sha256").read_text().split()
+        _check_private(out)
+        return recorded == [key, _sha256(out)]
+    except (OSError, ValueError):
+        return False
+
+
 def _build(cc: str) -> Path:
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode(),
-                                     _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:20]
-    out = cache_dir() / f"kernels-{key}.so"
-    if out.is_file():
+                                     _cpu_flags().encode(), platform.machine().encode()])).hexdigest()
+    out = cache_dir() / f"kernels-{key[:20]}.so"
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = out.parent.stat().st_mode
+    if mode & 0o022 and hasattr(os, "getuid") and out.parent.stat().st_uid == os.getuid():
+        os.chmod(out.parent, mode & ~0o022)             # our own directory, made under a lax umask
+    _check_private(out.parent)
+    if out.is_file() and _verified(out, key):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
+    side_fd, side_tmp = tempfile.mkstemp(suffix=".sha256", dir=out.parent)
     try:
         proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        os.chmod(tmp, 0o755)                            # the linker follows the umask
+        with os.fdopen(side_fd, "w") as f:
+            f.write(f"{key} {_sha256(tmp)}\n")
+        side_fd = None
+        os.replace(side_tmp, str(out) + ".sha256")
         os.replace(tmp, out)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if side_fd is not None:
+            os.close(side_fd)
+        for t in (tmp, side_tmp):
+            if os.path.exists(t):
+                os.unlink(t)
+    if not _verified(out, key):     # another process replaced one of the two meanwhile: not loaded
+        raise RuntimeError(f"{out} changed while it was built (a concurrent build?); not loading it")
     return out
 
 

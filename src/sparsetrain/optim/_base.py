@@ -76,6 +76,11 @@ class SparseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise UsageError(f"params: {type(self).__name__} needs dense gradients, got a {p.grad.layout} "
+                                     f"one (e.g. from nn.Embedding(sparse=True)); allowed: modules with "
+                                     f"sparse=False")
             swapped = self._effective_grads(group)
             try:
                 self._update_group(group)

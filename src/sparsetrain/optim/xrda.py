@@ -34,8 +34,11 @@ s_k = s₀ (default without ``total_steps``). s₀ is the group's ``lr``, so LR 
 The penalty λ lives in each param group under ``"lam"`` (``get_lam``/``set_lam`` use it).
 Groups with ``penalize=False`` -- also groups built by :func:`sparsetrain.param_groups` with
 ``reg=None`` (biases, norms) -- are never thresholded; since then w = z always, they take
-the α-free step w ← w − s v without a z buffer. A group whose ``reg`` is a regularizer takes
-its initial ``lam`` from ``reg.lam`` unless it sets ``lam`` itself.
+the α-free step w ← w − s v without a z buffer. A group whose ``reg`` is an :class:`L1` takes
+its initial ``lam`` from ``reg.lam`` unless it sets ``lam`` itself; a ``reg.lam`` that differs
+from the ``lam=`` argument, and any other regularizer (XRDA's penalty is its own reweighted ℓ1;
+group sparsity comes from ``mode``), are errors rather than silently ignored. With the cosine
+schedule, stepping past ``total_steps`` is an error (s = 0 there: nothing would change).
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ from torch import Tensor
 
 from .. import native
 from ..errors import UsageError, choice
-from ..regularizers import is_null
+from ..regularizers import L1, is_null
 from . import fused_cuda
 from ._base import SparseOptimizer, _softshrink, check_number
 
@@ -140,7 +143,17 @@ class XRDA(SparseOptimizer):
             param_group = dict(param_group)
             reg = param_group.pop("reg")
             param_group.setdefault("penalize", not is_null(reg))
+            where = f"param group {len(self.param_groups)}"
+            if not is_null(reg) and not isinstance(reg, L1):
+                raise UsageError(f"reg: XRDA applies its own reweighted ℓ1 penalty, so {where}'s "
+                                 f"{type(reg).__name__} would be ignored; allowed: L1 or None (group sparsity: "
+                                 f"mode='kernel' or 'channel')")
             if not is_null(reg) and "lam" not in param_group:
+                # one λ per group: the regularizer's, which must then agree with the lam= argument
+                if float(reg.lam) != float(self.defaults["lam"]):
+                    raise UsageError(f"lam: XRDA got lam={self.defaults['lam']!r} but {where}'s L1 carries "
+                                     f"λ={reg.lam!r}; allowed: the same value in both, or a 'lam' key in the "
+                                     f"group (which wins over both)")
                 param_group["lam"] = reg.lam
         super().add_param_group(param_group)
         g = self.param_groups[-1]
@@ -171,6 +184,10 @@ class XRDA(SparseOptimizer):
             if not state:
                 state["step"] = 0
                 state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["schedule"] == "cosine" and state["step"] >= group["total_steps"]:
+                raise UsageError(f"total_steps: XRDA was stepped more than total_steps={group['total_steps']} "
+                                 f"times; its cosine step size is 0 from there on, so nothing would change; "
+                                 f"allowed: total_steps >= the number of steps taken")
             if penalize and "z" not in state:
                 state["z"] = p.detach().clone(memory_format=torch.preserve_format)
                 state["T"] = 0.0  # a float while b is uniform (no reweighting)
