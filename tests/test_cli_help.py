@@ -28,7 +28,7 @@ def test_every_valued_option_states_its_default(command):
 
 def test_method_options_list_allowed_values_and_per_method_defaults():
     text = "".join(_subparsers()["train"].format_help().split())      # argparse wraps at hyphens too
-    assert "--distributionSTR" in text and "default:gmpglobal,impglobal,magnitudeglobal,riglerk" in text
+    assert "--distributionSTR" in text and "default:adabregerk,gmpglobal,impglobal,linbregerk,magnitudeglobal,proxsgdglobal,riglerk,xrdaglobal" in text
     assert "--regSTR" in text and "allowed:l1,group,conv-group,sparse-group,nuclear,none" in text
     assert "--momentumFLOAT" in text and "allowed:in[0,1)" in text
 

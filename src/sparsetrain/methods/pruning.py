@@ -49,8 +49,9 @@ from ..pruning import Mask, cosine_decay, gmp_sparsity, magnitude_masks, random_
 from .base import (BuildContext, Option, Strategy, fraction, momentum_option, positive, register,
                    sparsity_option)
 
-DISTRIBUTION_HELP = ("how --sparsity is spread over layers: global (one magnitude threshold), uniform "
-                     "(same sparsity per layer), erk (Erdős–Rényi-kernel); default global, rigl: erk")
+DISTRIBUTION_HELP = ("how --sparsity is spread over layers: global (one magnitude threshold, or one λ for all "
+                     "layers), uniform (the same sparsity in every layer), erk (Erdős–Rényi-kernel layer "
+                     "densities); regularized methods steer one λ per layer for uniform and erk")
 
 
 def distribution_option(default: str, choices: tuple[str, ...]) -> Option:
