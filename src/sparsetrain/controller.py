@@ -150,21 +150,9 @@ class SparsityController:
         lams = [x for x in self.optimizer.get_lam() if x is not None]
         return max(lams) if lams else 0.0
 
-    def _budget_lam(self, b: _Budget) -> float:
-        lams = self.optimizer.get_lam()
-        return max((lams[i] for i in b.groups if lams[i] is not None), default=0.0)
-
     def _scale(self, b: _Budget, factor: float) -> None:
-        if self.distribution == "global":
-            self.optimizer.scale_lam(factor)
-        else:
-            self.optimizer.scale_lam(factor, groups=b.groups)
-
-    def _set(self, b: _Budget, value: float) -> None:
-        if self.distribution == "global":
-            self.optimizer.set_lam(value)
-        else:
-            self.optimizer.set_lam([value if i in b.groups else None for i in range(len(self.optimizer.param_groups))])
+        """Multiply the λ of budget ``b``'s groups (a regularizer they share, once)."""
+        self.optimizer.scale_lam(factor, groups=b.groups)
 
     # ---------------------------------------------------------------- control
     @torch.no_grad()
@@ -173,20 +161,26 @@ class SparsityController:
         if step % self.every:
             return
         dens = _densities(self.budgets)
-        for b, d in zip(self.budgets, dens):
-            if b.start is None:
+        if self.budgets and self.budgets[0].start is None:
+            for b, d in zip(self.budgets, dens):
                 b.start = d
+            self._check_start()
         self._adjust_all(step, dens)
-        if step % (self.every * 20) == 0:
+        if step % (self.every * 20) == 0:       # (λ changes move no weight: dens still holds)
             total = sum(b.numel for b in self.budgets) or 1
-            self.trajectory.append((step, self.lam(), sum(
-                d * b.numel for b, d in zip(self.budgets, _densities(self.budgets))) / total))
+            self.trajectory.append((step, self.lam(), sum(d * b.numel for b, d in zip(self.budgets, dens)) / total))
+
+    def _check_start(self) -> None:
+        """Called once, when the start densities are measured (the budget controller refuses a
+        start it cannot come down from)."""
 
     def _adjust_all(self, step: int, dens: list[float]) -> None:
+        lams = self.optimizer.get_lam()
         for b, d in zip(self.budgets, dens):
-            self._adjust(step, d, b)
+            lam = max((lams[i] for i in b.groups if lams[i] is not None), default=0.0)
+            self._adjust(step, d, b, lam)
 
-    def _adjust(self, step: int, d: float, b: _Budget) -> None:
+    def _adjust(self, step: int, d: float, b: _Budget, lam: float) -> None:
         err = math.log(max(d, 1e-9) / max(self.target_density(step, b), 1e-9))
         # Rprop-style step cap (log space): shrink it when the error changes sign (the density
         # can respond steeply to λ), let it grow back while the sign holds
@@ -198,8 +192,9 @@ class SparsityController:
             cap = min(top, cap * 1.2)
         b.cap, b.last_err = cap, err
         factor = math.exp(max(-cap, min(cap, self.gain * err)))
-        if self._budget_lam(b) * factor < self.min_lam:       # λ = 0 stays 0 under scaling: restart it
-            self._set(b, self.min_lam)
+        if lam * factor < self.min_lam:       # λ = 0 stays 0 under scaling: restart it
+            self.optimizer.set_lam([self.min_lam if i in b.groups else None
+                                    for i in range(len(self.optimizer.param_groups))])
         elif factor != 1.0:
             self._scale(b, factor)
 
@@ -229,6 +224,16 @@ class BudgetController(SparsityController):
             g["inactive"] = "keep"
         # start high, so that nothing is admitted before the first budget update computes λ
         optimizer.scale_lam(max(1.0, start_lam / max(self.lam(), 1e-12)))
+
+    def _check_start(self) -> None:
+        total = sum(b.numel for b in self.budgets) or 1
+        start = sum(b.start * b.numel for b in self.budgets) / total
+        target = sum(b.target * b.numel for b in self.budgets) / total
+        if start > target + START_TOLERANCE:    # (one layer may start above its own: the init floor)
+            raise UsageError(f"BudgetController: the network starts at density {start:.4f}, denser than "
+                             f"the target {target:.4f}; Bregman iterations only add weights, so it cannot "
+                             f"come down to it; allowed: a sparse start (sparse_init_ with a density <= "
+                             f"{target:g})")
 
     @staticmethod
     def supports(optimizer) -> bool:
@@ -263,14 +268,6 @@ class BudgetController(SparsityController):
         transfer: the largest score, the k-th and (k+1)-th largest, how many of the top k+1
         carry evidence (> 0) and the smallest of those."""
         plans, stats = [], []
-        total = sum(b.numel for b in self.budgets) or 1
-        start = sum((b.start or 0.0) * b.numel for b in self.budgets) / total
-        target = sum(b.target * b.numel for b in self.budgets) / total
-        if start > target + START_TOLERANCE:    # (one layer may start above its own: the init floor)
-            raise UsageError(f"BudgetController: the network starts at density {start:.4f}, denser than "
-                             f"the target {target:.4f}; Bregman iterations only add weights, so it cannot "
-                             f"come down to it; allowed: a sparse start (sparse_init_ with a density <= "
-                             f"{target:g})")
         for b, d in zip(self.budgets, dens):
             zeros = int(round((1.0 - d) * b.numel))
             if zeros == 0:
@@ -336,8 +333,6 @@ class BudgetController(SparsityController):
             return
         cut = torch.topk(flat, k).values[-1]
         for p, g, free, s in pool:
-            pick = (s >= cut) & (s > 0)
-            if pick.any():
-                lam = float(g["reg"].lam)
-                v = self.optimizer.state[p]["v"]
-                v[pick] = -torch.sign(p.grad[pick]) * lam * (1 + GROW_MARGIN)
+            v = self.optimizer.state[p]["v"]
+            entry = -torch.sign(p.grad) * (float(g["reg"].lam) * (1 + GROW_MARGIN))
+            v.copy_(torch.where((s >= cut) & (s > 0), entry, v))
