@@ -8,8 +8,9 @@ epochs that way and exited 0. The usual cause is an empty layer: a weight that i
 too sparse initialisation, a layer pruned away) makes every activation after it zero, so every
 weight gradient before and after it is zero too, and a Bregman method — which only grows
 weights whose accumulated gradient is nonzero — can never leave that start. The check runs after
-``loss.backward()`` for the first ``steps`` steps only, and raises :class:`DeadNetworkError`
-(the CLI exits with code 3) naming the empty layer, or else the layers without gradient.
+``loss.backward()`` (every step of the first ``steps``, then every ``every`` steps; one host
+read each time) and raises :class:`DeadNetworkError` (the CLI exits with code 3) naming the empty
+layer, or else the layers without gradient.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ class LivenessCheck:
         never reached) or when ``patience`` later checks in a row saw no weight gradient at all."""
         if step >= self.steps:
             if step % self.every == 0:
-                grads = [w.grad for _, w in self.weights if w.grad is not None]
-                if grads and not any(bool(g.ne(0).any()) for g in grads):
+                live = self._live()
+                if live and not any(live.values()):
                     self.silent += 1
                     if self.silent >= self.patience:
                         raise DeadNetworkError(
@@ -49,13 +50,24 @@ class LivenessCheck:
                 else:
                     self.silent = 0
             return
-        for i, (_, w) in enumerate(self.weights):
-            if not self.alive[i] and w.grad is not None and bool(w.grad.ne(0).any()):
-                self.alive[i] = True
+        for i, ok in self._live().items():
+            self.alive[i] = self.alive[i] or ok
         if step == self.steps - 1:
             dead = [n for (n, w), ok in zip(self.weights, self.alive) if not ok and w.grad is not None]
             if dead:
                 raise DeadNetworkError(self.message(dead))
+
+    def _live(self) -> dict[int, bool]:
+        """Weight index -> whether its gradient has a nonzero entry (weights with a gradient)."""
+        idx = [i for i, (_, w) in enumerate(self.weights) if w.grad is not None]
+        if not idx:
+            return {}
+        flags = [self.weights[i][1].grad.ne(0).any() for i in idx]
+        try:
+            values = torch.stack(flags).tolist()
+        except RuntimeError:                  # gradients on several devices
+            values = [bool(f) for f in flags]
+        return dict(zip(idx, values))
 
     def message(self, dead: list[str]) -> str:
         empty = [n for n, w in self.weights if not bool(w.ne(0).any())]

@@ -27,6 +27,8 @@ from ..penalties import HALO, VARIANTS
 from .base import BuildContext, Option, fraction, momentum_option, nonnegative, positive, register, sparsity_option
 from .pruning import GMP, PhaseLR, int_option
 
+import math
+
 import torch
 
 
@@ -39,6 +41,8 @@ class HALOStrategy(GMP):
                  finetune_lr: float, gradual: bool, start: float, end: float, every: int):
         super().__init__(model, optimizer, ctx, sparsity, 0.0, start, end, every, "global")
         self.gradual = gradual
+        if not gradual:                 # GMP's schedule never fires: one prune after --epochs
+            self.t0 = self.t1 = math.inf
         self.halo = halo
         self.sparsity = sparsity
         self.train_epochs = ctx.cfg.epochs
@@ -57,17 +61,11 @@ class HALOStrategy(GMP):
         """Whether the final mask is in place (the penalty and the scales are then done)."""
         return self.mask is not None and self.current >= self.sparsity
 
-    def after_step(self, step: int) -> None:
-        if self.gradual:
-            super().after_step(step)
-        elif self.mask is not None:
-            self.mask.apply()
-
     def penalty(self):
         if self.pruned:
             return None
         p = self.halo()
-        self.penalty_value = float(p.detach())
+        self.penalty_value = p.detach()         # read in log(): no host sync per step
         return p
 
     def end_epoch(self, epoch, trainer) -> None:
@@ -97,7 +95,7 @@ class HALOStrategy(GMP):
     def log(self) -> dict:
         out = {**super().log(), **self.halo.scale_stats()}
         if not self.pruned:
-            out["penalty"] = self.penalty_value
+            out["penalty"] = float(self.penalty_value)
         return out
 
     def finish(self, trainer) -> dict:
