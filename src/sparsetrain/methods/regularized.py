@@ -12,8 +12,8 @@ The λ trajectory is logged (``lam`` in metrics.jsonl, ``lam_trajectory`` in sum
 
 Defaults, measured on Fashion-MNIST (README): LinBreg lr 0.5 with dampened momentum 0.9 (lr 1
 takes the step of SGD lr 0.1 with momentum 0.9 and diverged at small batches; 0.1 on LeNet-5 and
-the ConvNet, 1 on the ResNets and VGG-16: ``model_defaults``), AdaBreg lr 3e-3, both from a 0.2 % sparse initialisation spread by
-Erdős–Rényi-kernel with a floor of one weight per unit, with one λ per layer on an ERK budget
+the ConvNet, 1 on the ResNets and VGG-16: ``model_defaults``), AdaBreg lr 3e-3, both from a
+0.2 % sparse initialisation spread by Erdős–Rényi-kernel with a floor of one weight per unit, with one λ per layer on an ERK budget
 (``--distribution erk``); xRDA s₀ = 1, τ = τ_b = 9.5, M = 500 (the paper's values), λ starting
 at 1e-8 under a target, one global λ.
 """
@@ -131,10 +131,6 @@ def _groups(model, ctx: BuildContext, **extra):
     return param_groups(model, select, exclude=o["exclude"] or None, **extra)
 
 
-def budget_option(default: str) -> Option:
-    return distribution_option(default, DISTRIBUTIONS)
-
-
 REG_OPTIONS = (
     Option("reg", str, "l1", "regularizer on Linear/Conv weights", choices=REGS),
     nonnegative("lam", None, "regularization strength λ (fixed unless --sparsity is given)"),
@@ -151,7 +147,7 @@ BREGMAN_OPTIONS = REG_OPTIONS + (
     Option("init_scale", float, 0.0, "scale r of the sparse initialisation (0 = 1/√p)", ">= 0", lambda v: v >= 0),
     Option("init_distribution", str, "erk", "how --init-density is spread over layers (uniform | erk); every "
            "output unit gets at least one weight", choices=ALLOCATIONS),
-    budget_option("erk"),
+    distribution_option("erk", DISTRIBUTIONS),
 )
 
 
@@ -175,7 +171,7 @@ def _sparse_init(model, ctx: BuildContext) -> None:
 
 
 @register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", lr=0.1,
-          options=REG_OPTIONS + (momentum_option(0.9), budget_option("global")))
+          options=REG_OPTIONS + (momentum_option(0.9), distribution_option("global", DISTRIBUTIONS)))
 def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
                         weight_decay=ctx.cfg.weight_decay)
@@ -221,7 +217,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
                      "at --milestones)", choices=("cosine", "step")),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET,
-              budget_option("global"),
+              distribution_option("global", DISTRIBUTIONS),
           ))
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
