@@ -75,3 +75,13 @@ def test_generator_makes_it_reproducible():
 def test_bad_arguments(kw):
     with pytest.raises(UsageError):
         sparse_init_(net(), **kw)
+
+
+def test_the_floor_of_whole_unit_groups_switches_on_one_unit_not_all():
+    # with kernel groups a Linear weight's group is its row: the per-unit floor used to switch on
+    # every empty row, so LeNet-5's Linear layers started dense under --reg conv-group
+    from sparsetrain.models import build_model
+    model = sparse_init_(build_model("lenet5"), 0.002, groups="kernels", generator=gen())
+    for layer in (model[7], model[9], model[11]):
+        rows = (layer.weight != 0).any(1).float().mean().item()
+        assert 0 < rows < 0.2

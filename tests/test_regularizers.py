@@ -208,3 +208,13 @@ def test_make_regularizer():
         with pytest.raises(UsageError) as e:
             make_regularizer(*bad)
         assert "\n" not in str(e.value)
+
+
+def test_group_subgradient_of_a_zero_group_is_zero_at_any_lambda():
+    # λ√n / tiny overflowed to inf for λ√n > ~4 and 0·inf made v₀ NaN: `--reg group` under a
+    # target (λ raised to 1 by the budget controller) was NaN after the first LinBreg step
+    w = torch.zeros(3, 784)
+    w[0, :5] = 1.0
+    g = GroupL12(1.0, groups="rows").subgradient(w)
+    assert torch.isfinite(g).all() and g[1:].abs().sum() == 0
+    assert torch.allclose(g[0], w[0] * math.sqrt(784) / w[0].norm())

@@ -61,10 +61,11 @@ def layer_init_densities(model: nn.Module, density: float, allocation: str = "un
     return layer_densities(shapes, 1.0 - density, allocation)
 
 
-def _floor_(keep: torch.Tensor, groups: str, generator) -> None:
-    """Switch on one random group in every output unit (row / filter) whose mask is all zero
-    (``"rows"``: one random row when the whole layer is empty)."""
-    if groups == "rows" or keep.dim() < 2:
+def _floor_(keep: torch.Tensor, generator) -> None:
+    """Switch on one random group in every output unit (row / filter) whose mask is all zero;
+    where a group is a whole unit (``"rows"``, or ``"kernels"`` on a Linear weight or a conv with
+    one input channel), one random unit when the whole layer is empty."""
+    if keep.dim() < 2 or keep[0].numel() == 1:
         flat = keep.view(-1)
         if not flat.any():
             flat[torch.randint(flat.numel(), (1,), generator=generator).item()] = 1
@@ -112,7 +113,7 @@ def sparse_init_(model: nn.Module, density: float, scale: float | None = None, g
             keep = torch.bernoulli(torch.full(_mask_shape(w.shape, groups), p_l, dtype=w.dtype,
                                               device=w.device), generator=generator)
             if floor:
-                _floor_(keep, groups, generator)
+                _floor_(keep, generator)
             w.mul_(keep)
         bias = getattr(layer, "bias", None)
         if bias is not None:

@@ -193,8 +193,9 @@ class GroupL12(Regularizer):
 
     def subgradient(self, w: Tensor) -> Tensor:
         norms, root_n = self._norms(w)
-        tiny = torch.finfo(norms.dtype).tiny
-        return w * (self.lam * root_n / norms.clamp_min(tiny))  # zero group -> 0
+        # zero group -> 0 (λ√n / tiny overflowed to inf for λ√n > ~4, and 0·inf gave NaN)
+        scale = torch.where(norms > 0, (self.lam * root_n) / norms, torch.zeros_like(norms))
+        return w * scale
 
     def prox_(self, x: Tensor, t: float, out: Tensor | None = None) -> Tensor:
         out = x if out is None else out
