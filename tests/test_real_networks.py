@@ -186,3 +186,15 @@ def test_a_network_that_dies_later_stops_too():
             with pytest.raises(DeadNetworkError, match="no Linear/Conv weight received a gradient at steps 20-40"):
                 check.observe(step)
             break
+
+
+def test_a_run_that_ends_at_chance_says_so(idx_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["train", "--method", "dense", "--lr", "1e-9", "--data-dir", str(idx_dir), "--epochs", "1",
+                 "--batch-size", "64", "--out", str(out), "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["at_chance"] is True and "at chance level" in capsys.readouterr().err
+    assert main(["train", "--method", "dense", "--data-dir", str(idx_dir), "--epochs", "2", "--batch-size", "32",
+                 "--out", str(tmp_path / "g"), "--no-progress"]) == 0
+    good = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert good["at_chance"] is False

@@ -59,6 +59,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: the training set is kept on the GPU when it takes at most this fraction of the free memory
 GPU_DATA_FRACTION = 0.25
 CHECKPOINT = "checkpoint.pt"
+CHANCE_FACTOR = 1.5     # a final accuracy below 1.5 × 1/classes is reported as at chance
 MAX_LR = 1e30                # beyond float32 range once scaled: an overflow, not a divergence
 TARGET_TOLERANCE = 0.005     # |achieved − target sparsity| within which a target counts as met
 
@@ -577,6 +578,12 @@ class Trainer:
                 print(f"sparsetrain: warning: {self.cfg.method} ended at sparsity {summary['sparsity']:.4f}, "
                       f"missing its target {target:g} by more than {TARGET_TOLERANCE:g} (target_met: false in "
                       f"summary.json); more --epochs or another --lr may reach it", file=sys.stderr)
+        chance = 1.0 / self.loaders.info.num_classes
+        summary["at_chance"] = test_acc < CHANCE_FACTOR * chance
+        if summary["at_chance"] and self.is_main:   # a run that learned nothing is not a result
+            print(f"sparsetrain: warning: test accuracy {test_acc:.4f} is at chance level (1/{self.loaders.info.num_classes}"
+                  f" = {chance:.4f}; at_chance: true in summary.json); try another --lr or more --epochs",
+                  file=sys.stderr)
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "summary.json", lambda: write_json(
                 summary, self.out / "summary.json"))) if self.is_main else None)
