@@ -133,3 +133,18 @@ def test_onnx_export_matches_eager(exported, tmp_path, dynamo):
     out = sess.run(None, {sess.input_names[0]: x.numpy()})[0]
     with torch.no_grad():
         assert close(torch.from_numpy(out), model(x))
+
+
+
+def test_int64_index_cache_never_serves_a_freed_tensor():
+    # spmm_sum caches the int64 copies of the int32 indices by storage address; a freed index
+    # tensor's address is handed to the next one of its size, which must not get the old copies
+    n = 1024
+    xt = torch.randn(7, 2)
+    for i in range(50):
+        crow = torch.arange(n + 1, dtype=torch.int32)          # one nonzero per row, in column i % 7
+        col = torch.full((n,), i % 7, dtype=torch.int32)
+        values = torch.ones(n)
+        got = ops.reference(crow, col, values, xt, None, "spmm_sum")
+        assert torch.equal(got, xt[i % 7].expand(n, 2)), i
+        del crow, col, values, got
