@@ -63,6 +63,26 @@ def cifar_dir(tmp_path_factory):
     return d.parent
 
 
+def close(a, b, tol: float = 1e-6) -> bool:
+    """``a`` equals the reference ``b``: same shape, to ``tol`` relative to ``b``'s scale (float32
+    sums in another order differ ~1e-7)."""
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
+    return a.shape == b.shape and float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+def check_every_format(export, x, ref, tol: float) -> dict:
+    """For each export format: ``path = export(fmt)``, reload it with ``load_export`` and check
+    its output on ``x`` against ``ref`` (:func:`close` to ``tol``). Returns {format: file bytes}."""
+    from sparsetrain.export import FORMATS, load_export
+    sizes = {}
+    for fmt in FORMATS:
+        path = export(fmt)
+        sizes[fmt] = path.stat().st_size
+        with torch.no_grad():
+            assert close(load_export(path)(x), ref, tol), fmt
+    return sizes
+
+
 def crash_and_resume(monkeypatch, out_dir, args, strategy_cls, crash_step):
     """Run ``sparsetrain`` ``args`` uninterrupted into ``out_dir/ref``; run them again into
     ``out_dir/run`` with ``strategy_cls.after_step`` raising KeyboardInterrupt at ``crash_step``

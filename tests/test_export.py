@@ -9,18 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import check_every_format, close
 from sparsetrain.errors import UsageError
 from sparsetrain.export import (FORMATS, BiasMap, SparseConv2d, SparseLinear, densify, export_info, export_model,
                                 inspect_exports, load_export, magnitude_prune, shrink, sparsify)
 from sparsetrain.export import codec
 from sparsetrain.export.sparse_modules import KERNELS
 from sparsetrain.models import ResNet, build_model
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
-    """Equal to ``tol`` relative to the outputs' scale (float32 sums in another order differ ~1e-7)."""
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max()) <= tol * max(1.0, float(a.abs().max()))
 
 
 def zero_units(model: nn.Module, frac: float = 0.5, seed: int = 0) -> nn.Module:
@@ -328,16 +323,16 @@ def test_cli_export_end_to_end(run_dir, capsys):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         ref = model(x)
-    sizes = {}
-    for fmt in FORMATS:
+
+    def export(fmt):
         out = run_dir / f"m.{fmt}.safetensors"
         args = ["export", str(run_dir), "--format", fmt, "--out", str(out), "--json"]
         assert main(args + (["--no-measure"] if fmt == "sparse" else [])) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert result["max_abs_diff"] <= 1e-6 and result["format"] == fmt
-        sizes[fmt] = out.stat().st_size
-        with torch.no_grad():
-            assert close(load_export(out)(x), ref)
+        return out
+
+    sizes = check_every_format(export, x, ref, 1e-6)
     assert sizes["compressed"] < 0.07 * sizes["dense"]
     # an export converts to another format, e.g. on the deployment machine
     assert main(["export", str(run_dir / "m.compressed.safetensors"), "--format", "sparse", "--no-measure",

@@ -2,10 +2,13 @@
 equal to eager (1e-5) or refused, never silently wrong."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
+import conftest
 from sparsetrain.export import export_model, load_export, magnitude_prune
 from sparsetrain.export import ops
 from sparsetrain.export.deploy import export_program, to_onnx
@@ -13,9 +16,7 @@ from sparsetrain.export.sparse_modules import KERNELS, _csr_parts
 from sparsetrain.models import build_model
 
 
-def close(a, b, tol=1e-5):
-    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
-    return a.shape == b.shape and float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+close = partial(conftest.close, tol=1e-5)         # graph tools may sum in another order
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -133,3 +134,18 @@ def test_onnx_export_matches_eager(exported, tmp_path, dynamo):
     out = sess.run(None, {sess.input_names[0]: x.numpy()})[0]
     with torch.no_grad():
         assert close(torch.from_numpy(out), model(x))
+
+
+
+def test_int64_index_cache_never_serves_a_freed_tensor():
+    # spmm_sum caches the int64 copies of the int32 indices by storage address; a freed index
+    # tensor's address is handed to the next one of its size, which must not get the old copies
+    n = 1024
+    xt = torch.randn(7, 2)
+    for i in range(50):
+        crow = torch.arange(n + 1, dtype=torch.int32)          # one nonzero per row, in column i % 7
+        col = torch.full((n,), i % 7, dtype=torch.int32)
+        values = torch.ones(n)
+        got = ops.reference(crow, col, values, xt, None, "spmm_sum")
+        assert torch.equal(got, xt[i % 7].expand(n, 2)), i
+        del crow, col, values, got

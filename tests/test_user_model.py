@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import sparsetrain
+from conftest import check_every_format
 from sparsetrain.errors import UsageError
 from sparsetrain.export import (FORMATS, export_model, export_run, inspect_exports, load_export, load_run,
                                 magnitude_prune, shrink)
@@ -109,13 +110,7 @@ def test_every_format_exports_and_shrunk_is_smaller(run_dir):
     x = torch.randn(16, 1, 8, 8)
     with torch.no_grad():
         ref = model(x)
-    sizes = {}
-    for fmt in FORMATS:
-        path = export_run(out, fmt)
-        sizes[fmt] = path.stat().st_size
-        loaded = load_export(path)
-        with torch.no_grad():
-            assert float((loaded(x) - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max())), fmt
+    sizes = check_every_format(lambda fmt: export_run(out, fmt), x, ref, 1e-5)
     shrunk = load_export(out / "model.shrunk.safetensors")
     params = lambda m: sum(p.numel() for p in m.parameters())
     assert params(shrunk) < params(model)

@@ -245,15 +245,16 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batc
     model stays dense). The model's ``semi_structured`` attribute holds the per-layer report; to
     run it on a GPU, load, move it (``.cuda().half()``) and call ``to_semi_structured(model)``.
     """
-    model = _load_export(path, model, batch_size=batch_size, measure=measure)
-    if codec.read_file(path)[0]["sparsetrain_format"] == "semi-structured":
+    meta, state = codec.read_file(path)
+    model = _load_export(path, meta, state, model, batch_size=batch_size, measure=measure)
+    if meta["sparsetrain_format"] == "semi-structured":
         model.semi_structured = to_semi_structured(model)
     return model
 
 
-def _load_export(path: str | os.PathLike, model: nn.Module | None = None, *, batch_size: int | None = None,
-                 measure: bool = True) -> nn.Module:
-    """The loader of every format (see :func:`load_export`).
+def _load_export(path: str | os.PathLike, meta: dict, state: dict, model: nn.Module | None = None, *,
+                 batch_size: int | None = None, measure: bool = True) -> nn.Module:
+    """The loader of every format, from the file's (``meta``, ``state``) (see :func:`load_export`).
 
     dense / compressed: into ``model`` if given, else into a fresh ``build_model(meta.model, ...)``,
     else (a Sequential exported without a library name) rebuilt from the stored architecture.
@@ -262,7 +263,6 @@ def _load_export(path: str | os.PathLike, model: nn.Module | None = None, *, bat
     sparse: the per-layer sparse/dense choice stored at export time is used, unless ``batch_size``
     is given: then both are timed again on this machine for that batch size.
     """
-    meta, state = codec.read_file(path)
     fmt = meta["sparsetrain_format"]
     choice(fmt, f"export {path}: sparsetrain_format", FORMATS)
     if fmt in ("dense", "compressed", "semi-structured"):

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write
-from ..errors import UsageError
+from ..errors import UsageError, check
 
 FORMAT_VERSION = 1
 CODINGS = ("dense", "bitmask", "csr", "gaps")
@@ -231,10 +231,9 @@ def _check_meta(meta: dict) -> None:
     built from them."""
     shape, classes = meta.get("in_shape"), meta.get("num_classes")
     pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 20  # noqa: E731
-    if shape is not None and not (isinstance(shape, list) and 1 <= len(shape) <= 3 and all(map(pos_int, shape))):
-        raise UsageError(f"in_shape: must be a list of 1 to 3 positive integers (C, H, W) or null, got {shape!r}")
-    if classes is not None and not pos_int(classes):
-        raise UsageError(f"num_classes: must be a positive integer or null, got {classes!r}")
+    check(shape is None or (isinstance(shape, list) and 1 <= len(shape) <= 3 and all(map(pos_int, shape))),
+          "in_shape", "a list of 1 to 3 positive integers (C, H, W) or null", shape)
+    check(classes is None or pos_int(classes), "num_classes", "a positive integer or null", classes)
 
 
 def read_file(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UsageError
 from .arch import BiasMap
 from .graph import trace
-from .shrink import LAYERS, _add_bias, _cut_param, _shrink_pair
+from .shrink import LAYERS, _add_bias, _cut_param, _shrink_pair, default_in_shape
 
 
 def _as_module(node: fx.Node, gm: fx.GraphModule, source: fx.Node) -> nn.Module | None:
@@ -153,12 +153,17 @@ def _chain(gm: fx.GraphModule, p: fx.Node, calls: dict):
         cur = u
 
 
-def _shapes(node: fx.Node, source: fx.Node | None):
-    out = node.meta.get("tensor_meta")
-    inp = source.meta.get("tensor_meta") if source is not None else None
-    if out is None or inp is None or not hasattr(out, "shape") or not hasattr(inp, "shape"):
-        return None
-    return tuple(inp.shape), tuple(out.shape)
+def _shapes(mods: list, nodes: list) -> dict:
+    """id(module) -> (input shape, output shape) of each module called by the node beside it, as
+    ShapeProp recorded them (what :func:`~sparsetrain.export.shrink.record_shapes` gives shrink.py)."""
+    shapes = {}
+    for m, node in zip(mods, nodes):
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        out = node.meta.get("tensor_meta")
+        inp = src.meta.get("tensor_meta") if src is not None else None
+        if hasattr(out, "shape") and hasattr(inp, "shape"):
+            shapes[id(m)] = (tuple(inp.shape), tuple(out.shape))
+    return shapes
 
 
 def _pass(gm: fx.GraphModule, in_shape, removed: dict) -> bool:
@@ -188,14 +193,8 @@ def _pass(gm: fx.GraphModule, in_shape, removed: dict) -> bool:
                 gm.recompile()
                 return True                   # the concatenation's offsets changed: shapes again
             continue
-        chain = [p] + nodes
-        shapes = {}
-        for k, (m, n) in enumerate(zip([gm.get_submodule(p.target)] + mods, chain)):
-            s = _shapes(n, n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None)
-            if s is not None:
-                shapes[id(m)] = s
         all_mods = [gm.get_submodule(p.target)] + mods
-        res = _shrink_pair(all_mods, 0, shapes)
+        res = _shrink_pair(all_mods, 0, _shapes(all_mods, [p] + nodes))
         if res is None:
             continue
         new_mods, n_removed = res
@@ -275,12 +274,7 @@ def _shrink_through_cat(gm: fx.GraphModule, p: fx.Node, mods: list, nodes: list,
         pc.in_features = hi - lo
     else:
         pc.in_channels = width
-    shapes = {}
-    for m, n in zip([pm] + proxies, [p] + nodes[:-1]):
-        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        sh = _shapes(n, src)
-        if sh is not None:
-            shapes[id(m)] = sh
+    shapes = _shapes([pm] + proxies, [p] + nodes[:-1])
     c_in = getattr(nodes[-1].args[0].meta.get("tensor_meta"), "shape", None)
     if c_in is None:
         return 0
@@ -312,12 +306,9 @@ def shrink_graph(model: nn.Module, in_shape=None, *, max_passes: int = 200) -> t
     row per Linear / Conv layer (layer, units, kept); see the module docstring."""
     gm = trace(model)
     if in_shape is None:
-        if any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in gm.modules()):
-            raise UsageError("in_shape: required to shrink a model with conv layers (e.g. [1, 28, 28])")
-        first = next((m for m in gm.modules() if isinstance(m, nn.Linear)), None)
-        if first is None:
+        in_shape = default_in_shape(gm)
+        if in_shape is None:
             return gm, []
-        in_shape = (first.in_features,)
     before = {name: m.weight.shape[0] for name, m in gm.named_modules() if isinstance(m, LAYERS)}
     removed: dict[str, int] = {}
     for _ in range(max_passes):

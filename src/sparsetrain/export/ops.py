@@ -45,13 +45,16 @@ _INT64: dict = {}          # int32 indices -> their int64 copies (spmm_sum needs
 
 
 def _int64(crow, col):
+    """``(crow.long(), col.long())``, cached by storage address. An entry keeps its int32 sources
+    alive: otherwise a freed index tensor's address (same size, version 0) is handed to a new one,
+    which would then get the old tensor's int64 copies, i.e. silently wrong columns."""
     key = (crow.data_ptr(), col.data_ptr(), crow.numel(), col.numel(), crow._version, col._version, crow.device)
     hit = _INT64.get(key)
     if hit is None:
         if len(_INT64) >= 256:
             _INT64.clear()
-        hit = _INT64[key] = (crow.long(), col.long())
-    return hit
+        hit = _INT64[key] = (crow, col, crow.long(), col.long())
+    return hit[2:]
 
 
 def reference(crow, col, values, xt, bias=None, kernel: str = "addmm", *, csr=None, csr64=None) -> torch.Tensor:

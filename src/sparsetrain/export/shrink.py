@@ -216,6 +216,15 @@ def needs_in_shape(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in model.modules())
 
 
+def default_in_shape(model: nn.Module) -> tuple | None:
+    """The input shape of a model shrunk without ``in_shape``: its first Linear's input width
+    (None: no Linear layer, nothing to shrink); a model with conv layers needs ``in_shape``."""
+    if needs_in_shape(model):
+        raise UsageError("in_shape: required to shrink a model with conv layers (e.g. [1, 28, 28])")
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    return (first.in_features,) if first is not None else None
+
+
 def shrink(model: nn.Module, in_shape=None, *, max_passes: int = 20) -> tuple[nn.Sequential, list[dict]]:
     """A smaller dense ``nn.Sequential`` computing the same function as ``model`` (see the module
     docstring) and one report row per Linear/Conv layer: name, units before / after.
@@ -230,12 +239,9 @@ def shrink(model: nn.Module, in_shape=None, *, max_passes: int = 20) -> tuple[nn
         from .graph_shrink import shrink_graph
         return shrink_graph(model, in_shape)
     if in_shape is None:
-        if needs_in_shape(seq):
-            raise UsageError("in_shape: required to shrink a model with conv layers (e.g. [1, 28, 28])")
-        first = next((m for m in seq.modules() if isinstance(m, nn.Linear)), None)
-        if first is None:
+        in_shape = default_in_shape(seq)
+        if in_shape is None:
             return seq, []
-        in_shape = (first.in_features,)
     before = {id(m): m.weight.shape[0] for m in seq.modules() if isinstance(m, LAYERS)}
     removed: dict[int, int] = {}
     for _ in range(max_passes):
