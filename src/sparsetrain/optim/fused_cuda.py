@@ -471,8 +471,11 @@ def proxsgd(params, grads, bufs, *, reg, lr: float, momentum: float, weight_deca
             HAS_WD=bool(weight_decay), HAS_MOM=momentum > 0, HAS_PROX=has_prox)
 
 
+#: ``weight_decay`` is applied before the launch by both Bregman optimizers (LinBreg: added to the
+#: gradients it passes, AdaBreg: decoupled, to v), so the kernels take it as it comes
 BREGMAN_KNOWN = {"lr": lambda x: float(x) > 0, "delta": lambda x: True, "momentum": lambda x: True,
-                 "betas": lambda x: True, "eps": lambda x: True, "inactive": lambda x: True}
+                 "betas": lambda x: True, "eps": lambda x: True, "inactive": lambda x: True,
+                 "weight_decay": lambda x: True}
 
 
 def linbreg(params, grads, vs, bufs, scales, *, reg, lr: float, delta: float, momentum: float,
