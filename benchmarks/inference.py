@@ -46,19 +46,34 @@ from sparsetrain.models import build_model
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 
 
-def timed(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds of each zero-argument function, timed round-robin."""
-    times = {k: [] for k in fns}
+def _lap(f, device: str):
+    """Run ``f`` once; returns a reader of its milliseconds (CUDA: a pair of recorded events,
+    to be read after a synchronize)."""
+    if device == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        f()
+        b.record()
+        return lambda: a.elapsed_time(b)
+    t0 = time.perf_counter()
+    f()
+    ms = (time.perf_counter() - t0) * 1e3
+    return lambda: ms
+
+
+def timed(fns: dict, repeats: int, warmup: int = 3, device: str = "cpu") -> dict[str, float]:
+    """Median milliseconds of each zero-argument function, timed round-robin; CUDA events on a GPU."""
+    laps = {k: [] for k in fns}
     with torch.no_grad():
         for f in fns.values():
             for _ in range(warmup):
                 f()
         for _ in range(repeats):
             for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+                laps[k].append(_lap(f, device))
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return {k: statistics.median(read() for read in v) for k, v in laps.items()}
 
 
 def weight_density(model: nn.Module) -> float:
@@ -187,26 +202,6 @@ def variants(args) -> None:
           ["kernel", "batch", "threads", "ms", "speedup", "of ideal"], rows)
 
 
-def gpu_timed(fns: dict, repeats: int, device: str, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds of each zero-argument function, round-robin; CUDA events on a GPU."""
-    if device != "cuda":
-        return timed(fns, repeats, warmup)
-    events = {k: [] for k in fns}
-    with torch.no_grad():
-        for f in fns.values():
-            for _ in range(warmup):
-                f()
-        for _ in range(repeats):
-            for k, f in fns.items():
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                f()
-                b.record()
-                events[k].append((a, b))
-        torch.cuda.synchronize()
-    return {k: statistics.median(a.elapsed_time(b) for a, b in v) for k, v in events.items()}
-
-
 def gpu_linears(args) -> None:
     """Dense vs semi-structured (2:4) vs CSR linears on a GPU (see the module docstring)."""
     from sparsetrain.export import to_semi_structured
@@ -235,10 +230,10 @@ def gpu_linears(args) -> None:
                 for sp, W in csr.items():
                     fns[f"CSR {sp:.0%}"] = (lambda W=W: torch.sparse.mm(W, x.t()))
                 try:
-                    lat = gpu_timed(fns, args.repeats, device)
+                    lat = timed(fns, args.repeats, device=device)
                 except (RuntimeError, NotImplementedError) as e:   # a kernel missing for this dtype/shape
                     fns = {k: f for k, f in fns.items() if not k.startswith("CSR")}
-                    lat = gpu_timed(fns, args.repeats, device)
+                    lat = timed(fns, args.repeats, device=device)
                     lat.update({k: float("nan") for k in ("CSR 95%", "CSR 99%")})
                     print(f"(CSR {str(dtype)[6:]} {n_in}→{n_out} b{bs}: {' '.join(str(e).split())[:100]})")
                 base = lat["dense"]

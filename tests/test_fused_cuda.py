@@ -70,6 +70,16 @@ def test_linbreg(device, momentum, delta, reg, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", [
+    lambda ps: LinBreg(ps, lr=0.1, reg=L1(0.05), momentum=0.9, weight_decay=5e-4),
+    lambda ps: AdaBreg(ps, lr=0.01, reg=L1(0.05), delta=1.5, weight_decay=0.1),
+], ids=["linbreg", "adabreg"])
+def test_bregman_weight_decay(device, make, monkeypatch):
+    """Weight decay is applied before the launch (coupled: to the gradients; AdaBreg: to v)."""
+    _check(make, device, monkeypatch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_linbreg_momentum_rescaled_when_lr_changes(device, monkeypatch):
     def make(ps):
         opt = LinBreg(ps, lr=0.1, reg=L1(0.05), momentum=0.9)

@@ -76,11 +76,6 @@ class SparseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.layout != torch.strided:
-                    raise UsageError(f"params: {type(self).__name__} needs dense gradients, got a {p.grad.layout} "
-                                     f"one (e.g. from nn.Embedding(sparse=True)); allowed: modules with "
-                                     f"sparse=False")
             swapped = self._effective_grads(group)
             try:
                 self._update_group(group)
@@ -90,22 +85,30 @@ class SparseOptimizer(Optimizer):
         return loss
 
     def _effective_grads(self, group: dict) -> list:
-        """Point ``p.grad`` at ``±g (+ wd·w)`` for the update (see the class docstring); returns
-        (param, original grad) pairs for ``step`` to put back."""
+        """Check that the group's gradients are dense, then point ``p.grad`` at ``±g (+ wd·w)`` for
+        the update (see the class docstring; one multi-tensor op, one new tensor per gradient, as
+        ``torch.optim.SGD(foreach=True)``); returns (param, original grad) pairs for ``step`` to put
+        back."""
+        pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
+        for _, g in pairs:
+            if g.layout != torch.strided:
+                raise UsageError(f"params: {type(self).__name__} needs dense gradients, got a {g.layout} "
+                                 f"one (e.g. from nn.Embedding(sparse=True)); allowed: modules with "
+                                 f"sparse=False")
         maximize = bool(group.get("maximize", False))
         wd = float(group.get("weight_decay", 0.0)) if self.coupled_weight_decay else 0.0
-        if not maximize and not wd:
+        if not pairs or (not maximize and not wd):
             return []
-        swapped = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = -p.grad if maximize else p.grad
+        params, grads = [p for p, _ in pairs], [g for _, g in pairs]
+        if maximize:
+            new = torch._foreach_neg(grads)
             if wd:
-                g = g.add(p.detach(), alpha=wd)
-            swapped.append((p, p.grad))
+                torch._foreach_add_(new, params, alpha=wd)
+        else:
+            new = torch._foreach_add(grads, params, alpha=wd)
+        for (p, _), g in zip(pairs, new):
             p.grad = g
-        return swapped
+        return pairs
 
     def _update_group(self, group: dict) -> None:
         """The update of one param group (each optimizer's own)."""

@@ -79,14 +79,12 @@ class AdaBreg(BregmanOptimizer):
             return
         wd = float(group.get("weight_decay", 0.0))
         if wd:                         # decoupled: v ← v − lr·wd·w/δ (AdamW's w ← (1 − lr·wd)·w)
-            for p, v in zip(params, vs):
-                v.add_(p.detach(), alpha=-float(group["lr"]) * wd / delta)
+            torch._foreach_add_(vs, params, alpha=-float(group["lr"]) * wd / delta)
         kw = dict(reg=reg, lr=float(group["lr"]), delta=delta, beta1=group["betas"][0], beta2=group["betas"][1],
                   eps=group["eps"])
-        streams = [params, grads, vs, exp_avgs, exp_avg_sqs]
-        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN, self._fused_cache())
-                and fused_cuda.adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw,
-                                       cache=self._fused_cache())):
+        streams, cache = [params, grads, vs, exp_avgs, exp_avg_sqs], self._fused_cache()
+        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN, cache)
+                and fused_cuda.adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw, cache=cache)):
             adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw, foreach=self._use_foreach(group))
 
 

@@ -291,6 +291,21 @@ if triton is not None:
         return v, z
 
     @triton.jit
+    def _xrda_vz_step(ptrs, ntens, t, offs, mask, w_beta, wd_term, s, alpha,
+                      HAS_WD: tl.constexpr, ALPHA: tl.constexpr, ALIGNED: tl.constexpr):
+        """The v, z update (:func:`_xrda_vz`) of this program's entries of a table with rows
+        w, g, v, z: loads them, stores v and z; returns (address of w, w, z)."""
+        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
+        vp = _addr(ptrs, 2, ntens, t, ALIGNED)
+        zp = _addr(ptrs, 3, ntens, t, ALIGNED)
+        p = tl.load(pp + offs, mask=mask)
+        v, z = _xrda_vz(p, tl.load(_addr(ptrs, 1, ntens, t, ALIGNED) + offs, mask=mask), tl.load(vp + offs, mask=mask),
+                        tl.load(zp + offs, mask=mask), w_beta, wd_term, s, alpha, HAS_WD, ALPHA)
+        tl.store(vp + offs, v, mask=mask)
+        tl.store(zp + offs, z, mask=mask)
+        return pp, p, z
+
+    @triton.jit
     def _xrda_free_kernel(ptrs, ntens, blk_t, blk_o, numels, w_beta, wd_term, s,
                           HAS_WD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """Unpenalised tensors: v update, then w ← w − s v."""
@@ -309,14 +324,7 @@ if triton is not None:
                            HAS_WD: tl.constexpr, ALPHA: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         """A uniform threshold thr = λT: v, z, w = S_thr(z) in one pass."""
         t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
-        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
-        vp = _addr(ptrs, 2, ntens, t, ALIGNED)
-        zp = _addr(ptrs, 3, ntens, t, ALIGNED)
-        p = tl.load(pp + offs, mask=mask)
-        v, z = _xrda_vz(p, tl.load(_addr(ptrs, 1, ntens, t, ALIGNED) + offs, mask=mask), tl.load(vp + offs, mask=mask),
-                        tl.load(zp + offs, mask=mask), w_beta, wd_term, s, alpha, HAS_WD, ALPHA)
-        tl.store(vp + offs, v, mask=mask)
-        tl.store(zp + offs, z, mask=mask)
+        pp, p, z = _xrda_vz_step(ptrs, ntens, t, offs, mask, w_beta, wd_term, s, alpha, HAS_WD, ALPHA, ALIGNED)
         tl.store(pp + offs, _shrink(z, thr), mask=mask)
 
     @triton.jit
@@ -338,14 +346,9 @@ if triton is not None:
         """Elementwise reweighted xRDA in one pass with the predicted max(a_k); records the true
         max(a_k) (``cur`` row 1) and the prediction for the next step (``nxt`` row 0)."""
         t, start, offs, mask = _locate(blk_t, blk_o, numels, BLOCK, ALIGNED)
-        pp = _addr(ptrs, 0, ntens, t, ALIGNED)
-        vp = _addr(ptrs, 2, ntens, t, ALIGNED)
-        zp = _addr(ptrs, 3, ntens, t, ALIGNED)
+        pp, p, z = _xrda_vz_step(ptrs, ntens, t, offs, mask, w_beta, wd_term, s, alpha, HAS_WD, ALPHA, ALIGNED)
         ap = _addr(ptrs, 4, ntens, t, ALIGNED)
         Tp = _addr(ptrs, 5, ntens, t, ALIGNED)
-        p = tl.load(pp + offs, mask=mask)
-        v, z = _xrda_vz(p, tl.load(_addr(ptrs, 1, ntens, t, ALIGNED) + offs, mask=mask), tl.load(vp + offs, mask=mask),
-                        tl.load(zp + offs, mask=mask), w_beta, wd_term, s, alpha, HAS_WD, ALPHA)
         a = _lerp(tl.load(ap + offs, mask=mask), tl.abs(p), w_gamma)
         tl.atomic_max(cur + ntens + t, tl.max(tl.where(mask, a, 0.0), axis=0))
         eps = _eps(_predicted(cur, ntens, t), m1, tiny)
@@ -355,8 +358,6 @@ if triton is not None:
         T = T + coef * (eps / (a + eps))
         w = tl.maximum(tl.abs(z) - lam * T, 0.0)
         w = tl.where(z < 0, -w, w)
-        tl.store(vp + offs, v, mask=mask)
-        tl.store(zp + offs, z, mask=mask)
         tl.store(ap + offs, a, mask=mask)
         tl.store(Tp + offs, T, mask=mask)
         tl.store(pp + offs, w, mask=mask)
@@ -471,8 +472,11 @@ def proxsgd(params, grads, bufs, *, reg, lr: float, momentum: float, weight_deca
             HAS_WD=bool(weight_decay), HAS_MOM=momentum > 0, HAS_PROX=has_prox)
 
 
+#: ``weight_decay`` is applied before the launch by both Bregman optimizers (LinBreg: added to the
+#: gradients it passes, AdaBreg: decoupled, to v), so the kernels take it as it comes
 BREGMAN_KNOWN = {"lr": lambda x: float(x) > 0, "delta": lambda x: True, "momentum": lambda x: True,
-                 "betas": lambda x: True, "eps": lambda x: True, "inactive": lambda x: True}
+                 "betas": lambda x: True, "eps": lambda x: True, "inactive": lambda x: True,
+                 "weight_decay": lambda x: True}
 
 
 def linbreg(params, grads, vs, bufs, scales, *, reg, lr: float, delta: float, momentum: float,

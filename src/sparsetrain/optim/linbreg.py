@@ -79,13 +79,12 @@ class LinBreg(BregmanOptimizer):
                 states.append(state)
         if not params:
             return
-        fused = None
-        if fused_cuda.applicable([params, grads, vs, bufs], group, fused_cuda.BREGMAN_KNOWN,
-                                 self._fused_cache()):
+        fused, cache = None, self._fused_cache()
+        if fused_cuda.applicable([params, grads, vs, bufs], group, fused_cuda.BREGMAN_KNOWN, cache):
             fused = fused_cuda.linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
-                                       momentum=beta, cache=self._fused_cache())
-        scales = fused if fused is not None else linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
-                         momentum=beta, foreach=self._use_foreach(group))
+                                       momentum=beta, cache=cache)
+        scales = fused if fused is not None else linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr,
+                                                         delta=delta, momentum=beta, foreach=self._use_foreach(group))
         for state, c in zip(states, scales):
             state["momentum_scale"] = c
 
