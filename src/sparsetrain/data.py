@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UsageError, did_you_mean
+from .errors import UsageError, choice
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,7 @@ _ARCHIVE_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise UsageError(f"--data: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}")
-    return DATASETS[name]
+    return DATASETS[choice(name, "--data", DATASETS, "dataset")]
 
 
 # ----------------------------------------------------------------------------- file readers
