@@ -73,6 +73,16 @@ class Killed(BaseException):
     """Stands for the process dying (nothing after it runs)."""
 
 
+def test_resume_without_a_checkpoint_says_it_starts_the_run(idx_dir, tmp_path, capsys):
+    """A run killed before its first checkpoint (or a mistyped --out) is started afresh, and
+    --resume says so instead of passing a new run off as a continued one."""
+    run = tmp_path / "run"
+    assert main(train_argv(idx_dir, run, "--resume", "--train-subset", "128", epochs=1)) == 0
+    err = capsys.readouterr().err
+    assert "--resume" in err and "holds no checkpoint yet" in err and "from epoch 1" in err, err
+    assert (run / "summary.json").is_file()
+
+
 def test_a_crash_inside_the_atomic_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)

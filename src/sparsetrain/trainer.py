@@ -390,7 +390,9 @@ class Trainer:
         box = {}
 
         def read():   # rank 0 only: the run directory may exist on its node alone
-            if not (self.out / CHECKPOINT).exists():
+            if not (self.out / CHECKPOINT).exists():   # e.g. killed before its first epoch ended
+                print(f"sparsetrain: note: --resume: {self.out} holds no checkpoint yet; starting the run from "
+                      f"epoch 1", file=sys.stderr)
                 return
             ck = load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
             old = ck.get("config", {})
