@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny synthetic datasets in the original file formats (IDX, CIFAR pickles)."""
+"""Shared fixtures: tiny synthetic datasets in the original file formats (IDX, CIFAR pickles),
+and helpers for the crash and hostile-input tests."""
+import contextlib
 import gzip
+import os
 import pickle
 import struct
-
-import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -103,3 +107,35 @@ def crash_and_resume(monkeypatch, out_dir, args, strategy_cls, crash_step):
     monkeypatch.setattr(strategy_cls, "after_step", original)
     assert main([*args, "--out", str(out_dir / "run"), "--resume"]) == 0
     return tuple(json.loads((out_dir / d / "summary.json").read_text()) for d in ("ref", "run"))
+
+
+class Evil:
+    """Unpickling this creates ``marker`` (an attacker's code would run there instead)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@contextlib.contextmanager
+def live_run(argv, out, env=None, timeout=120):
+    """``python -m sparsetrain *argv`` in a subprocess (stdout discarded, stderr piped), yielded
+    once ``out/metrics.jsonl`` holds a finished epoch; killed on exit if still alive. ``env``:
+    variables added to the environment (CUDA is always hidden)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sparsetrain", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})})
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    try:
+        while not (metrics.exists() and metrics.read_bytes().count(b"\n") >= 1):
+            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.002)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

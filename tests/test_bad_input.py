@@ -16,6 +16,8 @@ import torch
 from sparsetrain import cli
 from sparsetrain.cli import main
 
+from conftest import Evil
+
 try:
     from sparsetrain import export as _export
     HAS_EXPORT = hasattr(_export, "configure_parser") and hasattr(_export, "run_cli")
@@ -55,7 +57,7 @@ def env(idx_dir, tmp_path_factory):
         shutil.copytree(e.run, root / f"ck-{name}")
         torch.save(obj, root / f"ck-{name}" / "checkpoint.pt")
     shutil.copytree(e.run, root / "ck-code")
-    torch.save({"model": _Evil(root / "pwned")}, root / "ck-code" / "checkpoint.pt")
+    torch.save({"model": Evil(root / "pwned")}, root / "ck-code" / "checkpoint.pt")
     shutil.copytree(e.run, root / "bad-summary")
     (root / "bad-summary" / "summary.json").write_text('{"method": "dense"')
     # data directories with one broken file each (copies of the synthetic dataset)
@@ -89,14 +91,6 @@ def env(idx_dir, tmp_path_factory):
     (root / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     (root / "a-file").write_text("a regular file")
     return e
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def train(e, *extra, out=None):

@@ -16,7 +16,6 @@ import pickle
 import shutil
 import signal
 import struct
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +36,7 @@ from sparsetrain.params import param_groups
 from sparsetrain.regularizers import L1, GroupL12
 from sparsetrain.runlock import RunLock
 
-from conftest import write_idx
+from conftest import Evil, live_run, write_idx
 
 TINY = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--train-subset", "256", "--test-subset", "128"]
 
@@ -82,7 +81,7 @@ def env(idx_dir, tmp_path_factory):
     (root / "nested.json").write_text('{"options": {"options": {"momentum": 0.5}}}')
     # checkpoints: a plain pickle that would run code (not torch's format)
     shutil.copytree(e.run, root / "ck-pickle")
-    (root / "ck-pickle" / "checkpoint.pt").write_bytes(pickle.dumps({"model": _Evil(root / "pwned")}))
+    (root / "ck-pickle" / "checkpoint.pt").write_bytes(pickle.dumps({"model": Evil(root / "pwned")}))
     # a run whose checkpoint holds NaN weights (written by hand: train no longer writes one)
     shutil.copytree(e.run, root / "nan-run")
     ck = torch.load(root / "nan-run" / "checkpoint.pt", weights_only=True)
@@ -97,14 +96,6 @@ def env(idx_dir, tmp_path_factory):
     s = json.loads((e.run / "summary.json").read_text())
     (root / "bad-summary" / "summary.json").write_text(json.dumps({**s, "test_accuracy": "high"}))
     return e
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _export(path, codings, in_shape="[1, 28, 28]", num_classes="10"):
@@ -334,19 +325,10 @@ def test_api(env, call, needles):
 def test_a_live_run_owns_its_directory_and_a_killed_one_does_not(env, capsys):
     """While a run is alive a second writer is refused; after kill -9 the kernel has dropped the
     lock, and --resume (here extending the run by one epoch) goes on."""
-    import subprocess
-    import time
     out = env.root / "owned"
     argv = ["train", "--method", "dense", "--data-dir", str(env.idx), "--out", str(out), "--epochs", "500",
             "--batch-size", "64", "--no-progress", "--train-subset", "128", "--test-subset", "64", "--threads", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "sparsetrain", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with live_run(argv, out) as proc:
         capsys.readouterr()
         assert main(argv) == 2                                     # no --resume: refused anyway
         assert main([*argv, "--resume"]) == 2                      # the same run, but alive elsewhere
@@ -354,11 +336,6 @@ def test_a_live_run_owns_its_directory_and_a_killed_one_does_not(env, capsys):
         assert err.count("in use by another running sparsetrain process") == 2, err
         proc.kill()
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
     done = len((out / "metrics.jsonl").read_text().splitlines())
     assert main([*argv[:argv.index("--epochs") + 1], str(done + 1), *argv[argv.index("--epochs") + 2:],
                  "--resume"]) == 0

@@ -6,9 +6,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
-import time
 from collections import namedtuple
 
 import pytest
@@ -19,6 +16,8 @@ from sparsetrain.checkpoint import load_checkpoint, save_checkpoint
 from sparsetrain.cli import main
 from sparsetrain.errors import UsageError
 from sparsetrain.methods import METHODS, Strategy, register
+
+from conftest import Evil, live_run
 
 
 def train_argv(idx_dir, out, *extra, epochs=3):
@@ -53,27 +52,13 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(idx_dir, tmp_pa
     # bit-identity holds per thread count: the killed run fixes its count (recorded in config.json),
     # --resume takes it over, the reference uses the same; OMP_NUM_THREADS alone did not fix it on
     # every machine (16 cores, torch 2.11)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "sparsetrain", *train_argv(idx_dir, run, "--threads", "2",
-                                                                              epochs=epochs)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    try:
-        while not (metrics.exists() and metrics.read_bytes().count(b"\n") >= 1):
-            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no epoch finished in time"
-            time.sleep(0.002)
+    with live_run(train_argv(idx_dir, run, "--threads", "2", epochs=epochs), run, env={"OMP_NUM_THREADS": "1"},
+                  timeout=180) as proc:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "summary.json").exists()                 # it really died mid-run
-    assert 1 <= len(metrics.read_text().splitlines()) < epochs
+    assert 1 <= len((run / "metrics.jsonl").read_text().splitlines()) < epochs
 
     assert main(train_argv(idx_dir, run, "--resume", epochs=epochs)) == 0
     assert json.loads((run / "config.json").read_text())["threads"] == 2
@@ -86,6 +71,16 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(idx_dir, tmp_pa
 
 class Killed(BaseException):
     """Stands for the process dying (nothing after it runs)."""
+
+
+def test_resume_without_a_checkpoint_says_it_starts_the_run(idx_dir, tmp_path, capsys):
+    """A run killed before its first checkpoint (or a mistyped --out) is started afresh, and
+    --resume says so instead of passing a new run off as a continued one."""
+    run = tmp_path / "run"
+    assert main(train_argv(idx_dir, run, "--resume", "--train-subset", "128", epochs=1)) == 0
+    err = capsys.readouterr().err
+    assert "--resume" in err and "holds no checkpoint yet" in err and "from epoch 1" in err, err
+    assert (run / "summary.json").is_file()
 
 
 def test_a_crash_inside_the_atomic_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -229,16 +224,6 @@ def test_a_full_disk_is_refused_before_training(idx_dir, tmp_path, capsys, monke
 
 
 # --------------------------------------------------------------------------- no code in checkpoints
-class Evil:
-    """Unpickling this creates ``marker`` (an attacker's code would run there instead)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def _crafted(path, marker, kind):
     obj = {"epoch": 1, "model": Evil(marker), "config": {}}
     if kind == "torch":

@@ -126,8 +126,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         if unsafe:
             reason = (f"refused: it contains code (a reference to {unsafe.group(1) or unsafe.group(2)}, "
                       f"not tensors); nothing was executed")
-        elif opcode and _pickled_call(path):   # a plain pickle, not torch's format, that imports or calls
-            reason = (f"refused: it contains code (a pickle that {_pickled_call(path)}, which a weights-only "
+        elif opcode and (call := _pickled_call(path)):   # a plain pickle, not torch's format, that imports or calls
+            reason = (f"refused: it contains code (a pickle that {call}, which a weights-only "
                       f"load does not run); nothing was executed")
         else:
             detail = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else text

@@ -84,6 +84,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .methods import METHODS
     from .methods.base import all_options
     from .models import MODELS
+    from .resume import changeable_flags
     from .trainer import SCHEDULES
 
     g = p.add_argument_group("run")
@@ -118,8 +119,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "weights and optimizer state stay fp32)")
     g.add_argument("--out", default=None, help="run directory (config, metrics, checkpoint, summary; default: none, nothing written)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
-                   "every setting must equal the saved run's (refused otherwise) except --epochs (a larger value "
-                   "extends the run), --device, --threads and --no-progress")
+                   f"every setting must equal the saved run's (refused otherwise) except {changeable_flags()} "
+                   "(a larger --epochs extends the run)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads of the run (default: torch's count; recorded in config.json and reused by "
                         "--resume: results are bit-identical for the same count)")

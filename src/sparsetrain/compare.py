@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import UsageError, did_you_mean
+from .errors import UsageError, choice
 from .liveness import DeadNetworkError
 
 __all__ = ["compare", "render_report", "configure_parser", "run_cli"]
@@ -90,9 +90,7 @@ def parse_methods(text) -> list[str]:
         m = str(m).strip()
         if not m:
             continue
-        if m not in METHODS:
-            raise UsageError(f"--methods: unknown method {m!r}; allowed: {', '.join(sorted(METHODS))}"
-                             f"{did_you_mean(m, METHODS)}")
+        choice(m, "--methods", sorted(METHODS), "method")
         if m not in out:
             out.append(m)
     if not out:
@@ -231,7 +229,7 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
     ``"linbreg.momentum=0.9"`` strings (method options, or lr / weight_decay / schedule).
     Everything is validated before anything is trained (one-line :class:`UsageError` s)."""
     from .data import DATASETS, locate
-    from .errors import check, choice
+    from .errors import check
     from .models import MODELS
     from .trainer import Trainer, resolve_device
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UsageError, did_you_mean
+from .errors import UsageError, choice
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,7 @@ _ARCHIVE_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise UsageError(f"--data: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}")
-    return DATASETS[name]
+    return DATASETS[choice(name, "--data", DATASETS, "dataset")]
 
 
 # ----------------------------------------------------------------------------- file readers
@@ -130,14 +128,17 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- locating data
-def _candidates(info: DatasetInfo, data_dir: str | None) -> list[Path]:
-    roots = [Path(d) for d in (data_dir, os.environ.get("SPARSETRAIN_DATA")) if d]
-    out = []
-    for r in roots:
-        out += [r, r / info.name, r / _ARCHIVE_DIRS.get(info.name, info.name),
-                r / info.name / _ARCHIVE_DIRS.get(info.name, info.name)]
-    out += [SYSTEM_DIR / info.name, SYSTEM_DIR / info.name.replace("-", "_")]
-    return out
+def _under(root: Path, info: DatasetInfo) -> list[Path]:
+    """The directories below ``root`` where ``info``'s files may lie (as given, or as unpacked)."""
+    archive = _ARCHIVE_DIRS.get(info.name, info.name)
+    return [root, root / info.name, root / archive, root / info.name / archive]
+
+
+def _candidates(info: DatasetInfo) -> list[Path]:
+    """Where the files are looked for without --data-dir: $SPARSETRAIN_DATA, then the system's."""
+    env = os.environ.get("SPARSETRAIN_DATA")
+    return [*(_under(Path(env), info) if env else []), SYSTEM_DIR / info.name,
+            SYSTEM_DIR / info.name.replace("-", "_")]
 
 
 def _missing(d: Path, info: DatasetInfo) -> list[str]:
@@ -169,20 +170,16 @@ def locate(name: str, data_dir: str | None = None, download: bool = True) -> Pat
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UsageError(f"--data-dir: {data_dir} is not a readable directory; allowed: a directory holding "
                          f"the dataset's files")
-    candidates = _candidates(info, data_dir)
-    if data_dir is not None:     # a directory the user named is used in full or refused, never skipped
-        own = [d for d in candidates[:4] if d.is_dir()]
-        for d in own:
-            if _has_files(d, info):
-                return d
-        partial = [d for d in own if _missing(d, info) != list(info.files)]
-        if partial:
-            raise UsageError(f"--data-dir: {partial[0]} lacks {', '.join(_missing(partial[0], info))} of --data "
-                             f"{name}; allowed: a directory holding all of {', '.join(info.files)} (optionally .gz)")
-        candidates = candidates[:4]
+    # a directory the user named is used in full or refused, never skipped for another one
+    candidates = _under(Path(data_dir), info) if data_dir is not None else _candidates(info)
     for d in candidates:
         if d.is_dir() and _has_files(d, info):
             return d
+    if data_dir is not None:
+        partial = [d for d in candidates if d.is_dir() and _missing(d, info) != list(info.files)]
+        if partial:
+            raise UsageError(f"--data-dir: {partial[0]} lacks {', '.join(_missing(partial[0], info))} of --data "
+                             f"{name}; allowed: a directory holding all of {', '.join(info.files)} (optionally .gz)")
     root = Path(data_dir or os.environ.get("SPARSETRAIN_DATA") or Path.home() / ".cache" / "sparsetrain")
     if download:
         try:
@@ -207,11 +204,7 @@ def load_arrays(name: str, data_dir: str | None = None, download: bool = True):
                 what = f"images of {'×'.join(map(str, shape))} pixels" if shape else "one label per sample"
                 raise UsageError(f"data file {d / f}: shape {a.shape} where --data {name} has {what}; allowed: "
                                  f"the dataset's original files")
-        xtr, ytr, xte, yte = xs[0][:, None], xs[1].astype(np.int64), xs[2][:, None], xs[3].astype(np.int64)
-        if len(xtr) != len(ytr) or len(xte) != len(yte):
-            raise UsageError(f"--data-dir {d}: image and label counts differ ({len(xtr)}/{len(ytr)} train, "
-                             f"{len(xte)}/{len(yte)} test); allowed: matching image and label files")
-        return _checked(name, d, xtr, ytr, xte, yte)
+        return _checked(name, d, xs[0][:, None], xs[1].astype(np.int64), xs[2][:, None], xs[3].astype(np.int64))
     if name == "cifar10":
         parts = [read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6) if (d / f"data_batch_{i}").exists()]
         te = read_cifar_batch(d / "test_batch")

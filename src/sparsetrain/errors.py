@@ -26,11 +26,11 @@ def did_you_mean(value, allowed) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def choice(value: str, field: str, allowed) -> str:
+def choice(value: str, field: str, allowed, what: str = "value") -> str:
     """Return ``value`` if it is one of ``allowed``, else raise a UsageError listing them (and the
-    closest one)."""
+    closest one): ``FIELD: unknown WHAT 'value'; allowed: ...``."""
     allowed = list(allowed)
     if value not in allowed:
-        raise UsageError(f"{field}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}"
+        raise UsageError(f"{field}: unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}"
                          f"{did_you_mean(value, allowed)}")
     return value

@@ -47,7 +47,6 @@ def _is_weight(module: nn.Module, p_name: str) -> bool:
 
 def _refuse_parametrized(name: str, module: nn.Module) -> None:
     from torch.nn.utils import parametrize
-    from .errors import UsageError
     if parametrize.is_parametrized(module, "weight"):
         kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
         raise UsageError(f"model: layer {name or type(module).__name__!r} has its weight computed by "
@@ -82,21 +81,23 @@ def param_groups(model: nn.Module, reg=None, *, include: str | None = None,
             raise UsageError(f"{arg}: not a regular expression ({e}): {pattern!r}; allowed: a Python re "
                              f"pattern over layer names, e.g. 'fc$'") from None
     selector: Callable = reg if callable(reg) and not hasattr(reg, "prox") else (lambda *_: reg)
+
+    def selected(name: str) -> bool:
+        return (include is None or re.search(include, name) is not None) and (
+            exclude is None or re.search(exclude, name) is None)
+
     groups: dict[int, dict] = {}
     rest: list[nn.Parameter] = []
     for mod_name, module in unwrap(model).named_modules():
-        wname = f"{mod_name}.weight" if mod_name else "weight"
-        if (reg is not None and isinstance(module, modules) and (include is None or re.search(include, wname))
-                and (exclude is None or not re.search(exclude, wname))):
+        sparse = isinstance(module, modules)
+        if reg is not None and sparse and selected(f"{mod_name}.weight" if mod_name else "weight"):
             _refuse_parametrized(mod_name, module)
         for p_name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             chosen = None
-            if (p_name in ("weight", "weight_orig") and _is_weight(module, p_name) and isinstance(module, modules)
-                    and (include is None or re.search(include, full))
-                    and (exclude is None or not re.search(exclude, full))):
+            if sparse and p_name in ("weight", "weight_orig") and _is_weight(module, p_name) and selected(full):
                 chosen = selector(full, module, p)
             if chosen is None:
                 rest.append(p)

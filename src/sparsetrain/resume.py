@@ -20,6 +20,12 @@ if TYPE_CHECKING:  # pragma: no cover
 RESUME_MAY_CHANGE = ("epochs", "device", "threads", "progress", "out", "resume")
 
 
+def changeable_flags() -> str:
+    """The flags of :data:`RESUME_MAY_CHANGE` a user can change, as written on the command line."""
+    return ", ".join("--no-progress" if k == "progress" else "--" + k.replace("_", "-")
+                     for k in RESUME_MAY_CHANGE if k not in ("out", "resume"))
+
+
 def check_resume_config(cfg: "TrainConfig", old: dict, out) -> None:
     """Refuse a ``--resume`` whose settings differ from the saved run's (bar RESUME_MAY_CHANGE),
     naming the flag and both values: a changed --sparsity or --lr would otherwise silently change
@@ -32,8 +38,7 @@ def check_resume_config(cfg: "TrainConfig", old: dict, out) -> None:
         if _normal(now) != _normal(before):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"--resume: {flag} differs from the run in {out} ({_show(now)} now, {_show(before)} "
-                             f"saved); allowed: the original value {_show(before)} (only "
-                             f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[:3])}, --no-progress may change)")
+                             f"saved); allowed: the original value {_show(before)} (only {changeable_flags()} may change)")
 
 
 def _normal(v):

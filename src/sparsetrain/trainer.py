@@ -391,7 +391,9 @@ class Trainer:
         box = {}
 
         def read():   # rank 0 only: the run directory may exist on its node alone
-            if not (self.out / CHECKPOINT).exists():
+            if not (self.out / CHECKPOINT).exists():   # e.g. killed before its first epoch ended
+                print(f"sparsetrain: note: --resume: {self.out} holds no checkpoint yet; starting the run from "
+                      f"epoch 1", file=sys.stderr)
                 return
             ck = load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
             old = ck.get("config", {})
@@ -439,9 +441,10 @@ class Trainer:
                 # ranks, which then gives the single-process step even for unequal shards
                 ce = F.cross_entropy(out, y, reduction="sum")
                 stats = dist.all_reduce_sum(torch.stack([ce.detach().double(), ce.new_tensor(count, dtype=torch.float64)]))
-                count = int(stats[1].item())
+                ce_sum, count = stats.tolist()                  # one transfer for both
+                count = int(count)
                 loss = ce * (self.world_size / count)
-                ce_value = (stats[0] / stats[1]).item()        # the global batch's loss, on every rank
+                ce_value = ce_sum / count                       # the global batch's loss, on every rank
             else:
                 loss = F.cross_entropy(out, y)
             extra = strat.penalty()
@@ -537,8 +540,9 @@ class Trainer:
         """A non-finite weight or evaluation stops the run before it is checkpointed (exit 3):
         a checkpoint holds good state only, so --resume and export never start from NaNs."""
         bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(row[k])]
-        bad += [f"{name} has non-finite values" for name, t in self.model.state_dict().items()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())][:3]
+        state = {name: t for name, t in self.model.state_dict().items() if t.is_floating_point()}
+        finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).tolist() if state else []
+        bad += [f"{name} has non-finite values" for name, ok in zip(state, finite) if not ok][:3]
         if bad:
             what = ", ".join(f"{b} is {row[b]}" if b in row else b for b in bad)
             err = FloatingPointError(f"epoch {row['epoch']}: {what}; the last good checkpoint is kept "

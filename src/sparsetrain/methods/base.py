@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from ..errors import UsageError, did_you_mean
+from ..errors import UsageError, choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import TrainConfig, Trainer
@@ -61,9 +61,8 @@ class Option:
                              f"({type(value).__name__})")
         if self.type in (int, float):
             value = self.type(value)                    # numpy scalars become plain numbers
-        if self.choices is not None and value not in self.choices:
-            raise UsageError(f"{self.flag}: unknown value {value!r}; allowed: {', '.join(map(str, self.choices))}"
-                             f"{did_you_mean(value, self.choices)}")
+        if self.choices is not None:
+            choice(value, self.flag, self.choices)
         if self.type is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise UsageError(f"{self.flag}: must be a finite number{' ' + self.allowed if self.allowed else ''}, "
                              f"got {value!r}")
@@ -223,10 +222,7 @@ def model_defaults_text() -> str:
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise UsageError(f"--method: unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}"
-                         f"{did_you_mean(name, METHODS)}")
-    return METHODS[name]
+    return METHODS[choice(name, "--method", sorted(METHODS), "method")]
 
 
 def all_options() -> dict[str, Option]:
