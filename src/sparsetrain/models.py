@@ -19,7 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .errors import UsageError, did_you_mean
+from .errors import UsageError, choice
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -119,9 +119,7 @@ MODELS: dict[str, Callable[[tuple, int], nn.Module]] = {
 
 def build_model(name: str, in_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
     """A freshly initialised model ``name`` for inputs of ``in_shape`` (C, H, W)."""
-    if name not in MODELS:
-        raise UsageError(f"--model: unknown model {name!r}; allowed: {', '.join(MODELS)}{did_you_mean(name, MODELS)}")
-    return MODELS[name](tuple(in_shape), num_classes)
+    return MODELS[choice(name, "--model", MODELS, "model")](tuple(in_shape), num_classes)
 
 
 @torch.no_grad()
