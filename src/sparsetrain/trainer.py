@@ -591,6 +591,9 @@ class Trainer:
         if self.out is not None:
             dist.agree((lambda: self._write(self.out / "summary.json", lambda: write_json(
                 summary, self.out / "summary.json"))) if self.is_main else None)
+        # the DDP wrapper goes first: its reducer holds the process group, and a group destroyed
+        # later by garbage collection joins gloo threads whose peer has exited (a hang)
+        self.net = self.model
         dist.teardown()
         return summary
 
