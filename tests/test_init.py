@@ -63,6 +63,19 @@ def test_biases_small_positive_and_norms_untouched():
     assert (model[1].weight == 1).all() and (model[1].bias == 0).all()
 
 
+@pytest.mark.parametrize("r0", [0.0, 5.0])
+def test_bias_scale_r0_sets_the_bias_range(r0):
+    """The authors' bias init: U(0, r₀/√fan_in); r₀ = 0 gives zero biases."""
+    model = sparse_init_(net(), density=0.2, generator=gen(), bias_scale=r0)
+    for layer in (model[0], model[4], model[6]):
+        bound = r0 / math.sqrt(layer.weight[0].numel())
+        assert (layer.bias >= 0).all() and (layer.bias <= bound).all()
+        if r0:
+            assert layer.bias.max() > bound / 5         # uses the range: not the r₀ = 1 default
+    with pytest.raises(UsageError, match="bias_scale"):
+        sparse_init_(net(), density=0.2, bias_scale=-1)
+
+
 def test_generator_makes_it_reproducible():
     a = sparse_init_(net(), 0.1, generator=gen(7))
     b = sparse_init_(net(), 0.1, generator=gen(7))

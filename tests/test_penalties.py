@@ -107,7 +107,43 @@ def test_variants():
         HALO(model, xi=0.1, psi=0.2, variant="bogus")
 
 
-@pytest.mark.parametrize("extra", [[], ["--finetune-epochs", "1"], ["--halo-variant", "mcp"]])
+def test_authors_shared_baseline_minimises_to_its_closed_form():
+    """shared-sq: ξ Σ|w|/λ² + ψλ², minimised at λ* = (ξS/ψ)^{1/4} to 2√(ξψS), S = Σ|w|."""
+    w = torch.tensor([0.5, -2.0, 0.01, -0.7], dtype=torch.float64)
+    xi, psi = 0.3, 0.7
+    halo = HALO([w], xi, psi, variant="shared-sq", min_scale=1e-6)
+    assert [p.numel() for p in halo.parameters()] == [1]
+    assert halo().item() == pytest.approx(xi * w.abs().sum().item() + psi)        # λ starts at 1
+    value = minimise_scales(halo)
+    S = w.abs().sum().item()
+    assert abs(halo.scales[0].item()) == pytest.approx((xi * S / psi) ** 0.25, rel=1e-6)
+    assert value == pytest.approx(2 * math.sqrt(xi * psi * S), rel=1e-9)
+
+
+def test_conv_penalised_set_is_conv_weights_and_biases_and_no_linear():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3, bias=False), nn.Flatten(),
+                          nn.Linear(8, 3))
+    halo = HALO(model, xi=0.1, psi=0.2, penalize="conv")
+    assert halo.names == ["0.weight", "0.bias", "2.weight"]
+    assert [tuple(s.shape) for s in halo.scales] == [(2, 1, 3, 3), (2,), (2, 2, 3, 3)]
+    l1 = sum(p.abs().sum() for p in (model[0].weight, model[0].bias, model[2].weight))
+    assert halo().item() == pytest.approx(0.1 * l1.item() + 0.2 * (18 + 2 + 36))
+    halo().backward()
+    assert model[4].weight.grad is None and model[0].bias.grad is not None
+    assert HALO(model, xi=0.1, psi=0.2).names == ["0.weight", "2.weight", "4.weight"]
+    with pytest.raises(ValueError, match="no Conv layer"):
+        HALO(nn.Sequential(nn.Linear(3, 2)), xi=0.1, psi=0.2, penalize="conv")
+
+
+def test_halo_penalize_conv_on_a_linear_model_is_a_usage_error(idx_dir, tmp_path, capsys):
+    rc = main(["train", "--method", "halo", "--model", "lenet300", "--halo-penalize", "conv",
+               "--data-dir", str(idx_dir), "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress"])
+    assert rc == 2
+    assert "--halo-penalize" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--finetune-epochs", "1"], ["--halo-variant", "mcp"],
+                                   ["--halo-variant", "shared-sq", "--model", "lenet5", "--halo-penalize", "conv"]])
 def test_halo_cli_smoke_prunes_to_the_target(extra, idx_dir, tmp_path):
     out = tmp_path / "run"
     rc = main(["train", "--method", "halo", "--sparsity", "0.9", "--data-dir", str(idx_dir), "--out", str(out),

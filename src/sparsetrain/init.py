@@ -11,7 +11,8 @@ with one Bernoulli draw per entry (``groups="entries"``), per row / output neuro
 (``"kernels"``; a Linear weight has no kernels and uses its rows). r_l defaults to 1/√p_l, which
 preserves the variance E[W²] = 2/fan_in of the dense init (the paper's MLP uses r = 0.7/√p, its
 ConvNet r = 10 with p = 0.01). Biases of those layers are drawn small and positive,
-U(0, 1/√fan_in]; other modules (norms, embeddings) are untouched.
+U(0, r₀/√fan_in) with r₀ = ``bias_scale`` (1 by default; the authors' example scripts use r₀ = 5,
+one of their run scripts 2); other modules (norms, embeddings) are untouched.
 
 **Per-layer densities** (``allocation``): the overall density p is spread over the layers
 
@@ -80,7 +81,7 @@ def _floor_(keep: torch.Tensor, generator) -> None:
 @torch.no_grad()
 def sparse_init_(model: nn.Module, density: float, scale: float | None = None, groups: str = "entries",
                  generator: torch.Generator | None = None, allocation: str = "uniform",
-                 floor: bool = True) -> nn.Module:
+                 floor: bool = True, bias_scale: float = 1.0) -> nn.Module:
     """Initialise ``model``'s Linear / Conv layers sparsely in place and return ``model``.
 
     Args:
@@ -91,6 +92,7 @@ def sparse_init_(model: nn.Module, density: float, scale: float | None = None, g
         generator: a ``torch.Generator`` for reproducible draws.
         allocation: ``"uniform"`` | ``"erk"``: how p is spread over the layers (module docstring).
         floor: give every output unit at least one nonzero group (no layer starts empty).
+        bias_scale: r₀ ≥ 0, biases are drawn from U(0, r₀/√fan_in).
     """
     try:
         p = float(density)
@@ -100,6 +102,8 @@ def sparse_init_(model: nn.Module, density: float, scale: float | None = None, g
         raise UsageError(f"density: must be in (0, 1], got {density!r}")
     if scale is not None and not (float(scale) > 0 and math.isfinite(float(scale))):
         raise UsageError(f"scale: must be a finite number > 0, got {scale!r}")
+    if not (float(bias_scale) >= 0 and math.isfinite(float(bias_scale))):
+        raise UsageError(f"bias_scale: must be a finite number >= 0, got {bias_scale!r}")
     groups = choice(groups, "groups", GROUPS)
     per_layer = layer_init_densities(model, p, allocation)
     for name, layer in sparse_layers(model):
@@ -118,5 +122,5 @@ def sparse_init_(model: nn.Module, density: float, scale: float | None = None, g
         bias = getattr(layer, "bias", None)
         if bias is not None:
             fan_in = w.numel() // w.shape[0]
-            bias.uniform_(0.0, 1 / math.sqrt(fan_in), generator=generator)
+            bias.uniform_(0.0, float(bias_scale) / math.sqrt(fan_in), generator=generator)
     return model

@@ -15,9 +15,15 @@ Variants (``variant=``):
   ``halo``    one scale per weight (the method);
   ``shared``  one trainable scale shared by all weights: ``ξ Σ|w|/λ² + ψ|n|λ| − P|`` (n weights,
               i.e. HALO with all ``λ_j`` tied);
+  ``shared-sq`` the authors' shared baseline: one trainable scale with the prior ``ψλ²``,
+              ``ξ Σ|w|/λ² + ψλ²``; minimising over λ gives ``λ* = (ξΣ|w|/ψ)^{1/4}`` and the
+              profile penalty ``2√(ξψ Σ|w|)``;
   ``lasso``   scales frozen at 1: plain ``ξ Σ|w|``;
   ``mcp``     the minimax concave penalty with ``λ = ξ`` and concavity ``γ = ψ`` (as in the
               authors' code): ``ξ|w| − w²/(2ψ)`` for ``|w| ≤ ψξ``, ``ψξ²/2`` beyond. No scales.
+**Penalised set** (``penalize=``, for a model): ``"weights"`` (default) the weights of every
+Linear and Conv layer, the tensors sparsity is measured over; ``"conv"`` the weights *and biases*
+of the Conv layers and no Linear layer, as the authors' CIFAR code penalises.
 HALO produces no exact zeros; the method (``sparsetrain train --method halo``) ends with a
 global magnitude prune of the penalised weights to the requested sparsity.
 """
@@ -29,11 +35,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .params import prunable_weights
+from .params import prunable_weights, sparse_layers
 
-VARIANTS = ("halo", "lasso", "shared", "mcp")
+VARIANTS = ("halo", "lasso", "shared", "shared-sq", "mcp")
+PENALIZED = ("weights", "conv")
 
-__all__ = ["HALO", "VARIANTS", "halo_optimal_scale", "halo_profile_penalty", "mcp_penalty"]
+__all__ = ["HALO", "VARIANTS", "PENALIZED", "penalized_params", "halo_optimal_scale", "halo_profile_penalty", "mcp_penalty"]
 
 
 def halo_optimal_scale(w, xi: float, psi: float):
@@ -55,19 +62,39 @@ def mcp_penalty(w: torch.Tensor, lam: float, gamma: float) -> torch.Tensor:
     return torch.where(a <= gamma * lam, inner, torch.full_like(a, gamma * lam * lam / 2.0)).sum()
 
 
+def penalized_params(model: nn.Module, penalize: str = "weights") -> list[tuple[str, nn.Parameter]]:
+    """(name, tensor) of what HALO penalises in ``model`` (module docstring: penalised set)."""
+    if penalize == "weights":
+        return prunable_weights(model)
+    if penalize != "conv":
+        raise ValueError(f"unknown HALO penalised set {penalize!r}; allowed: {', '.join(PENALIZED)}")
+    out = []
+    for name, layer in sparse_layers(model):
+        if isinstance(layer, nn.Linear):
+            continue
+        prefix = f"{name}." if name else ""
+        out += [(prefix + p_name, p) for p_name, p in (("weight", layer.weight), ("bias", layer.bias))
+                if p is not None]
+    if not out:
+        raise ValueError("HALO penalize='conv': the model has no Conv layer; allowed: penalize='weights'")
+    return out
+
+
 class HALO(nn.Module):
-    """The HALO penalty over ``model_or_params`` (a model: its Linear/Conv weights; or an iterable
-    of tensors / ``(name, tensor)`` pairs). Call it (``halo()``) for the penalty tensor."""
+    """The HALO penalty over ``model_or_params`` (a model: its Linear/Conv weights, or what
+    ``penalize`` names; or an iterable of tensors / ``(name, tensor)`` pairs). Call it
+    (``halo()``) for the penalty tensor."""
 
     def __init__(self, model_or_params: nn.Module | Iterable, xi: float, psi: float, P: float = 0.0,
-                 squared: bool = False, variant: str = "halo", min_scale: float = 1e-3, init: float = 1.0):
+                 squared: bool = False, variant: str = "halo", min_scale: float = 1e-3, init: float = 1.0,
+                 penalize: str = "weights"):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown HALO variant {variant!r}; allowed: {', '.join(VARIANTS)}")
         if not (xi >= 0 and psi > 0 and min_scale > 0):
             raise ValueError(f"HALO needs xi >= 0, psi > 0, min_scale > 0 (got {xi}, {psi}, {min_scale})")
         if isinstance(model_or_params, nn.Module):
-            named = prunable_weights(model_or_params)
+            named = penalized_params(model_or_params, penalize)
         else:
             items = list(model_or_params)
             named = [it if isinstance(it, tuple) else (f"param{i}", it) for i, it in enumerate(items)]
@@ -79,7 +106,7 @@ class HALO(nn.Module):
         if variant == "halo":
             self.scales = nn.ParameterList(
                 nn.Parameter(torch.full_like(w.detach(), init)) for w in self._weights)
-        elif variant == "shared":
+        elif variant in ("shared", "shared-sq"):
             w0 = self._weights[0]
             self.scales = nn.ParameterList([nn.Parameter(torch.full((), init, dtype=w0.dtype, device=w0.device))])
         else:                                          # lasso (frozen at 1) and mcp: nothing to train
@@ -102,10 +129,13 @@ class HALO(nn.Module):
             return self.xi * sum(w.abs().sum() for w in ws)
         if self.variant == "mcp":
             return sum(mcp_penalty(w, self.xi, self.psi) for w in ws)
+        if self.variant == "shared-sq":
+            lam = self.scales[0]
+            return self.xi * self._inv_sq(lam) * sum(w.abs().sum() for w in ws) + self.psi * lam * lam
         if self.variant == "shared":
             lam = self.scales[0]
-            return self.xi * self._inv_sq(lam) * sum(w.abs().sum() for w in ws) + \
-                self._budget(self.numel * lam.abs())
+            data = self.xi * self._inv_sq(lam) * sum(w.abs().sum() for w in ws)
+            return data + self._budget(self.numel * lam.abs())
         return _HALOPenalty.apply(self, *ws, *self.scales)
 
     def reference(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ what pulls the scales down).
 from __future__ import annotations
 
 from ..errors import UsageError
-from ..penalties import HALO, VARIANTS
+from ..penalties import HALO, PENALIZED, VARIANTS
 from .base import BuildContext, Option, fraction, momentum_option, nonnegative, positive, register, sparsity_option
 from .pruning import GMP, PhaseLR, int_option
 
@@ -124,8 +124,12 @@ class HALOStrategy(GMP):
                    positive("psi", 1e-4, "HALO ψ: weight of the scale budget |Σ|λ| − P| (halo; mcp: γ)"),
                    nonnegative("halo_budget", 0.0, "HALO P in ψ|Σ|λ| − P| (halo)"),
                    Option("halo_squared", bool, False, "use ψ(Σ|λ| − P)² instead of ψ|Σ|λ| − P| (halo)"),
-                   Option("halo_variant", str, "halo", "halo | shared (one trainable scale) | lasso (scales "
-                          "frozen at 1) | mcp (halo)", choices=VARIANTS),
+                   Option("halo_variant", str, "halo", "halo | shared (one trainable scale, ψ|nλ − P|) | "
+                          "shared-sq (one trainable scale, ψλ²: the authors' baseline) | lasso (scales frozen "
+                          "at 1) | mcp (halo)", choices=VARIANTS),
+                   Option("halo_penalize", str, "weights", "what the penalty covers: weights (every Linear/Conv "
+                          "weight) | conv (Conv weights and biases, no Linear layer: the authors' CIFAR code); "
+                          "the prune is over every Linear/Conv weight either way (halo)", choices=PENALIZED),
                    positive("scale_lr", 1.0, "learning rate of the HALO scales (follows the LR schedule) (halo)"),
                    nonnegative("scale_weight_decay", 0.0, "weight decay of the HALO scales (halo; the authors' "
                                "code applies the run's weight decay to them too)"),
@@ -143,8 +147,11 @@ class HALOStrategy(GMP):
                    momentum_option(0.9)))
 def build(model, ctx: BuildContext):
     o = ctx.options
-    halo = HALO(model, o["xi"], o["psi"], P=o["halo_budget"], squared=o["halo_squared"],
-                variant=o["halo_variant"], min_scale=o["min_scale"])
+    try:
+        halo = HALO(model, o["xi"], o["psi"], P=o["halo_budget"], squared=o["halo_squared"],
+                    variant=o["halo_variant"], min_scale=o["min_scale"], penalize=o["halo_penalize"])
+    except ValueError as e:                    # (the options are checked: only the model can be wrong)
+        raise UsageError(f"--halo-penalize: {e}") from None
     groups = [{"params": list(model.parameters())}]
     if len(halo.scales):
         groups.append({"params": list(halo.scales.parameters()), "lr": o["scale_lr"],

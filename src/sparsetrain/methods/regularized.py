@@ -19,6 +19,8 @@ at 1e-8 under a target, one global λ.
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .. import optim
@@ -69,7 +71,8 @@ class Regularized(Strategy):
         kind = BudgetController if isinstance(optimizer, BregmanOptimizer) and \
             BudgetController.supports(optimizer) else SparsityController
         self.controller = None if target is None else kind(
-            optimizer, model, target, ctx.total_steps, distribution=ctx.options.get("distribution", "global"))
+            optimizer, model, target, ctx.total_steps, ramp=ctx.options.get("ramp", 0.75),
+            distribution=ctx.options.get("distribution", "global"))
 
     def after_step(self, step: int) -> None:
         if self.controller is not None:
@@ -93,6 +96,9 @@ class Regularized(Strategy):
 
 TARGET = fraction("sparsity", None, "target sparsity: adapt λ so the run ends there "
                   f"(default {DEFAULT_SPARSITY}, or a fixed λ when only --lam/--c is given)")
+
+RAMP = fraction("ramp", 0.75, "fraction of training at which the λ controller's density path reaches "
+               "--sparsity", "in (0, 1]", lambda v: 0 < v <= 1)
 
 REGS = ("l1", "group", "conv-group", "sparse-group", "nuclear", "none")
 
@@ -136,7 +142,7 @@ REG_OPTIONS = (
     nonnegative("lam", None, "regularization strength λ (fixed unless --sparsity is given)"),
     Option("groups", str, "kernels", "conv grouping for group regularizers", choices=("kernels", "filters")),
     regex_option("exclude", "regex of layer names kept dense and unregularized (e.g. 'fc$')"),
-    TARGET,
+    TARGET, RAMP,
 )
 BREGMAN_OPTIONS = REG_OPTIONS + (
     Option("delta", float, 1.0, "elastic-net parameter δ of J_δ = J + ‖·‖²/(2δ) (w = δ·shrink(v): a δ far above "
@@ -145,6 +151,8 @@ BREGMAN_OPTIONS = REG_OPTIONS + (
     Option("init_density", float, 0.002, "density p of the sparse initialisation (1 = dense init)",
            f"in [{MIN_INIT_DENSITY:g}, 1]", lambda v: MIN_INIT_DENSITY <= v <= 1),
     Option("init_scale", float, 0.0, "scale r of the sparse initialisation (0 = 1/√p)", ">= 0", lambda v: v >= 0),
+    Option("init_bias_scale", float, 1.0, "scale r₀ of the sparse initialisation's biases, U(0, r₀/√fan_in) "
+           "(the authors' scripts: 5)", ">= 0", lambda v: 0 <= v < math.inf),
     Option("init_distribution", str, "erk", "how --init-density is spread over layers (uniform | erk); every "
            "output unit gets at least one weight", choices=ALLOCATIONS),
     distribution_option("erk", DISTRIBUTIONS),
@@ -167,7 +175,7 @@ def _sparse_init(model, ctx: BuildContext) -> None:
     if o["init_density"] < 1:
         grouping = {"group": "rows", "conv-group": "kernels"}.get(o["reg"], "entries")
         sparse_init_(model, o["init_density"], scale=o["init_scale"] or None, groups=grouping,
-                     allocation=o["init_distribution"])
+                     allocation=o["init_distribution"], bias_scale=o["init_bias_scale"])
 
 
 @register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", lr=0.1,
@@ -216,7 +224,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
               Option("averaging", str, "cosine", "schedule of s and α (step: halve s, move α halfway to 1 "
                      "at --milestones)", choices=("cosine", "step")),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
-              TARGET,
+              TARGET, RAMP,
               distribution_option("global", DISTRIBUTIONS),
           ))
 def build_xrda(model, ctx: BuildContext) -> Strategy:
@@ -235,7 +243,7 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
               positive("c", None, "threshold constant c (fixed unless --sparsity is given)"),
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
-              TARGET,
+              TARGET, RAMP,
           ))
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
