@@ -113,3 +113,16 @@ def test_xrda_under_a_target_starts_gently(idx_dir, tmp_path):
     step, lam, density = summary["lam_trajectory"][0]
     assert lam <= 1e-7 and density > 0.9, summary["lam_trajectory"][:3]
     assert abs(summary["sparsity"] - 0.98) <= 0.005
+
+
+@pytest.mark.parametrize("method", ["linbreg", "proxsgd", "xrda"])
+def test_ramp_option_sets_when_the_density_path_reaches_the_target(method):
+    """``--ramp r``: the controller's target density reaches 1 − sparsity at r × the run's steps."""
+    from test_pruning import build, tiny_model
+    s = build(method, tiny_model(), epochs=2, spe=50, sparsity=0.9, ramp=0.4)
+    c = s.controller
+    assert c.ramp == 0.4
+    c.start_density = 1.0
+    end = c.budgets[0].target                   # (LinBreg: the first layer's own ERK budget)
+    assert c.target_density(39) > end + 1e-6 and c.target_density(40) == pytest.approx(end)
+    assert build(method, tiny_model(), sparsity=0.9).controller.ramp == 0.75          # the default

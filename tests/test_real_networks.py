@@ -198,3 +198,17 @@ def test_a_run_that_ends_at_chance_says_so(idx_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "g"), "--no-progress"]) == 0
     good = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert good["at_chance"] is False
+
+
+def test_per_model_defaults_and_a_default_start_that_would_exceed_the_target():
+    """Model defaults replace the method's; a default sparse start denser than the target density
+    is lowered (to a fifth of it), where an explicit one is refused."""
+    from sparsetrain.errors import UsageError
+    from sparsetrain.methods import get_method
+    ada = get_method("adabreg")
+    assert ada.default_lr("lenet5") == 0.02 and ada.default_lr("lenet300") == 0.01
+    assert ada.resolve({"sparsity": 0.98}, "lenet5")["init_density"] == 0.01
+    assert ada.resolve({"sparsity": 0.98}, "resnet20")["init_density"] == 0.002
+    assert ada.resolve({"sparsity": 0.995}, "lenet5")["init_density"] == pytest.approx(0.001)
+    with pytest.raises(UsageError, match="--init-density"):
+        ada.resolve({"sparsity": 0.995, "init_density": 0.01}, "lenet5")

@@ -8,8 +8,9 @@ For every Linear / Conv weight W_l (:func:`sparsetrain.prunable_weights`):
 
 with one Bernoulli draw per entry (``groups="entries"``), per row / output neuron
 (``"rows"``; on a conv weight a row is a whole filter w[o]) or per conv kernel w[o, i]
-(``"kernels"``; a Linear weight has no kernels and uses its rows). r_l defaults to 1/√p_l, which
-preserves the variance E[W²] = 2/fan_in of the dense init (the paper's MLP uses r = 0.7/√p, its
+(``"kernels"``; a Linear weight has no kernels and uses its rows). r_l defaults to 1/√p̂_l, p̂_l
+the fraction the mask actually kept (≈ p_l; more where the floor adds weights), which preserves
+the variance E[W²] = 2/fan_in of the dense init (the paper's MLP uses r = 0.7/√p, its
 ConvNet r = 10 with p = 0.01). Biases of those layers are drawn small and positive,
 U(0, r₀/√fan_in) with r₀ = ``bias_scale`` (1 by default; the authors' example scripts use r₀ = 5,
 one of their run scripts 2); other modules (norms, embeddings) are untouched.
@@ -112,13 +113,15 @@ def sparse_init_(model: nn.Module, density: float, scale: float | None = None, g
             continue
         p_l = per_layer[name]
         nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu", generator=generator)
-        w.mul_(1 / math.sqrt(max(p_l, 1e-12)) if scale is None else float(scale))
+        kept = 1.0
         if p_l < 1:
             keep = torch.bernoulli(torch.full(_mask_shape(w.shape, groups), p_l, dtype=w.dtype,
                                               device=w.device), generator=generator)
             if floor:
                 _floor_(keep, generator)
             w.mul_(keep)
+            kept = keep.mean().item()           # the floor may keep more than p_l
+        w.mul_(1 / math.sqrt(max(kept, 1e-12)) if scale is None else float(scale))
         bias = getattr(layer, "bias", None)
         if bias is not None:
             fan_in = w.numel() // w.shape[0]

@@ -192,7 +192,7 @@ class Method:
             k: v for k, v in self.model_defaults.get(model, {}).items() if k in own}}
         resolved = {k: o.check(given[k]) if given.get(k) is not None else defaults[k] for k, o in own.items()}
         if self.check is not None:
-            self.check(resolved)
+            self.check(resolved, {k for k, v in given.items() if v is not None})
         return resolved
 
 
@@ -202,7 +202,8 @@ METHODS: dict[str, Method] = {}
 def register(name: str, help: str, lr: float = 0.1, options: tuple[Option, ...] = (), check=None,
              model_defaults: dict[str, dict[str, Any]] | None = None):
     """Decorator: register ``build(model, ctx) -> Strategy`` as method ``name`` (``check``: a
-    function of the resolved options that raises a UsageError for a bad combination;
+    function of the resolved options and the set of names given explicitly that raises a
+    UsageError for a bad combination, and may adjust a default that does not fit the others;
     ``model_defaults``: built-in model name -> defaults of its own, ``lr`` and options)."""
     def deco(build):
         METHODS[name] = Method(name, help, build, lr, tuple(options), check, dict(model_defaults or {}))
