@@ -98,3 +98,14 @@ def test_the_floor_of_whole_unit_groups_switches_on_one_unit_not_all():
     for layer in (model[7], model[9], model[11]):
         rows = (layer.weight != 0).any(1).float().mean().item()
         assert 0 < rows < 0.2
+
+
+def test_scale_counts_the_weights_the_floor_adds():
+    """r = 1/√(kept fraction): with the floor's extra weights the variance stays 2/fan_in (with
+    1/√p it was ≈ 2× too large here: ≈ 120 rows floored on ≈ 100 expected draws)."""
+    layer = nn.Linear(1000, 200)
+    sparse_init_(nn.Sequential(layer), density=0.0005, generator=gen(3))
+    w = layer.weight
+    kept = (w != 0).float().mean().item()
+    assert kept > 0.0009                                     # the floor added weights
+    assert (w ** 2).mean().item() == pytest.approx(2 / 1000, rel=0.2)

@@ -88,7 +88,7 @@ def sparse_init_(model: nn.Module, density: float, scale: float | None = None, g
     Args:
         model: the network (a DDP / DataParallel wrapper is unwrapped).
         density: p ∈ (0, 1], the overall probability that an entry / row / kernel is kept.
-        scale: r, the factor on the Kaiming-normal init (default 1/√p_l per layer).
+        scale: r, the factor on the Kaiming-normal init (default 1/√p̂_l per layer, p̂_l the kept fraction).
         groups: ``"entries"`` | ``"rows"`` | ``"kernels"``: what one Bernoulli draw switches on.
         generator: a ``torch.Generator`` for reproducible draws.
         allocation: ``"uniform"`` | ``"erk"``: how p is spread over the layers (module docstring).
