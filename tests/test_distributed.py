@@ -97,9 +97,18 @@ except Exception as e:
     result["agree"] = [type(e).__name__, str(e)]
 result["bad_out"] = cli(spec["bad_out"])      # rank 0 fails at --out: every rank must stop
 result["nan"] = cli(spec["nan"])              # a NaN loss: every rank stops at the same step
+# the CLI's group gets a port picked now by rank 0, not at launch: a port reserved at launch could
+# be taken meanwhile as the local end of one of the first group's connections (EADDRINUSE in CI)
+import socket
+port2 = [None]
+if rank == 0:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port2[0] = s.getsockname()[1]
+tdist.broadcast_object_list(port2, src=0)
 tdist.barrier()
 tdist.destroy_process_group()
-os.environ["MASTER_PORT"] = str(spec["port2"])
+os.environ["MASTER_PORT"] = str(port2[0])
 result["cli"] = cli(spec["cli"])              # the CLI creates (and destroys) its own group
 json.dump(result, open(f"{out}/result-rank{rank}.json", "w"))
 """
@@ -123,7 +132,6 @@ def ddp(idx_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     (out / "file").write_text("a regular file")
     spec = {"out": str(out), "data_dir": str(idx_dir), "cfg": CFG, "methods": AVAILABLE,
-            "port2": free_port(),
             "bad_out": train_argv(idx_dir, out / "file" / "run"),
             "nan": train_argv(idx_dir, out / "nan-run", "--lr", "1e12"),
             "cli": train_argv(idx_dir, out / "cli-run")}
