@@ -128,6 +128,17 @@ CASES = [
     ("foreign-option", lambda e: train(e, "--sparsity", "0.5"), ["--sparsity", "method dense", "--momentum"]),
     ("init-denser-than-target", lambda e: train(e, "--method", "linbreg", "--sparsity", "0.98", "--init-density", "0.5"),
      ["--init-density", "0.5", "allowed: (0, 0.02]"]),
+    # options that the rest of the command would silently ignore
+    ("ramp-with-fixed-lam", lambda e: train(e, "--method", "proxsgd", "--lam", "1e-3", "--ramp", "0.5"),
+     ["--ramp", "fixed --lam", "allowed: add --sparsity"]),
+    ("ramp-with-fixed-c", lambda e: train(e, "--method", "grda", "--c", "1e-3", "--ramp", "0.5"),
+     ["--ramp", "fixed --c"]),
+    ("init-shape-with-dense-start", lambda e: train(e, "--method", "adabreg", "--lam", "1e-3", "--init-density", "1",
+                                                    "--init-bias-scale", "5"),
+     ["--init-bias-scale", "--init-density 1", "allowed: an --init-density below 1"]),
+    ("halo-budget-without-budget", lambda e: train(e, "--method", "halo", "--halo-variant", "shared-sq",
+                                                   "--halo-budget", "3"),
+     ["--halo-budget", "shared-sq", "allowed: --halo-variant halo or shared"]),
     ("unknown-flag", lambda e: train(e, "--foo", "1"), ["unrecognized arguments: --foo", "--help"]),
     ("missing-value", lambda e: train(e, "--lr"), ["--lr", "expected one argument"]),
     # --- run directories

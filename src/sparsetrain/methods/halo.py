@@ -31,6 +31,8 @@ import math
 
 import torch
 
+NO_BUDGET = ("lasso", "mcp", "shared-sq")        # variants whose penalty has no ψ|Σ|λ| − P| term
+
 
 class HALOStrategy(GMP):
     """HALO's penalty on the loss; the mask follows GMP's schedule (``gradual``) or comes once
@@ -147,6 +149,10 @@ class HALOStrategy(GMP):
                    momentum_option(0.9)))
 def build(model, ctx: BuildContext):
     o = ctx.options
+    if o["halo_variant"] in NO_BUDGET and (o["halo_budget"] or o["halo_squared"]):
+        flag = "--halo-budget" if o["halo_budget"] else "--halo-squared"
+        raise UsageError(f"{flag}: shapes the ψ budget of the scales, which --halo-variant {o['halo_variant']} "
+                         f"does not have; allowed: --halo-variant halo or shared, or leave {flag} out")
     try:
         halo = HALO(model, o["xi"], o["psi"], P=o["halo_budget"], squared=o["halo_squared"],
                     variant=o["halo_variant"], min_scale=o["min_scale"], penalize=o["halo_penalize"])

@@ -159,6 +159,26 @@ BREGMAN_OPTIONS = REG_OPTIONS + (
 )
 
 
+def _check_ramp(options: dict, explicit: set = frozenset(), lam_key: str = "lam") -> None:
+    """``--ramp`` shapes the λ controller's density path; a fixed λ (no target) has none."""
+    if "ramp" in explicit and _target_sparsity(options, lam_key) is None:
+        raise UsageError(f"--ramp: only used with a target sparsity, and this run has a fixed --{lam_key.replace('_', '-')} "
+                         f"and no --sparsity; allowed: add --sparsity, or leave --ramp out")
+
+
+INIT_SHAPE_OPTIONS = ("init_scale", "init_bias_scale", "init_distribution")
+
+
+def _check_bregman(options: dict, explicit: set = frozenset()) -> None:
+    _check_ramp(options, explicit)
+    _check_init_density(options, explicit)
+    ignored = [k for k in INIT_SHAPE_OPTIONS if k in explicit]
+    if options["init_density"] >= 1 and ignored:
+        flag = "--" + ignored[0].replace("_", "-")
+        raise UsageError(f"{flag}: shapes the sparse initialisation, which --init-density 1 (a dense start) "
+                         f"does not use; allowed: an --init-density below 1, or leave {flag} out")
+
+
 def _check_init_density(options: dict, explicit: set = frozenset()) -> None:
     """Bregman iterations grow the support from the sparse initialisation (a λ change re-initialises
     v from the current weights, so every nonzero weight stays active): a start denser than the
@@ -182,7 +202,8 @@ def _sparse_init(model, ctx: BuildContext) -> None:
 
 
 @register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", lr=0.1,
-          options=REG_OPTIONS + (momentum_option(0.9), distribution_option("global", DISTRIBUTIONS)))
+          options=REG_OPTIONS + (momentum_option(0.9), distribution_option("global", DISTRIBUTIONS)),
+          check=_check_ramp)
 def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
                         weight_decay=ctx.cfg.weight_decay)
@@ -202,7 +223,7 @@ LINBREG_MODEL_DEFAULTS = {"lenet300": {"init_density": 0.01}, "lenet5": {"lr": 0
 
 
 @register("linbreg", "LinBreg: linearized Bregman iterations, sparse init (Bungert et al.)", lr=0.5,
-          options=BREGMAN_OPTIONS + (momentum_option(0.9),), check=_check_init_density,
+          options=BREGMAN_OPTIONS + (momentum_option(0.9),), check=_check_bregman,
           model_defaults=LINBREG_MODEL_DEFAULTS)
 def build_linbreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
@@ -220,7 +241,7 @@ ADABREG_MODEL_DEFAULTS = {"lenet300": {"init_density": 0.01}, "lenet5": {"lr": 0
 
 
 @register("adabreg", "AdaBreg: Adam-type Bregman iterations, sparse init (Bungert et al.)", lr=1e-2,
-          options=BREGMAN_OPTIONS, check=_check_init_density, model_defaults=ADABREG_MODEL_DEFAULTS)
+          options=BREGMAN_OPTIONS, check=_check_bregman, model_defaults=ADABREG_MODEL_DEFAULTS)
 def build_adabreg(model, ctx: BuildContext) -> Strategy:
     _sparse_init(model, ctx)
     opt = optim.AdaBreg(_groups(model, ctx), lr=ctx.cfg.lr, delta=ctx.options["delta"],
@@ -240,7 +261,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
               distribution_option("global", DISTRIBUTIONS),
-          ))
+          ), check=_check_ramp)
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
     reg = L1(o["lam"]) if o["distribution"] == "global" else (lambda *_: L1(o["lam"]))
@@ -258,7 +279,7 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
-          ))
+          ), check=lambda options, explicit: _check_ramp(options, explicit, "c"))
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
