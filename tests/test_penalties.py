@@ -184,3 +184,16 @@ def test_fused_halo_penalty_matches_the_per_layer_ops(squared):
     assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
     for a, b in zip(g_fused, g_ref):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("prune", ["gradual", "final"])
+def test_halo_finetune_lr_applies_under_plateau(prune, idx_dir, tmp_path):
+    """--finetune-lr restarts the lr at the fine-tuning phase whichever --halo-prune reached the target."""
+    out = tmp_path / "run"
+    rc = main(["train", "--method", "halo", "--sparsity", "0.9", "--data-dir", str(idx_dir), "--out", str(out),
+               "--train-subset", "256", "--test-subset", "128", "--epochs", "2", "--no-progress",
+               "--schedule", "plateau", "--lr", "0.1", "--finetune-epochs", "1", "--finetune-lr", "0.25",
+               "--halo-prune", prune])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[2]["lr"] == pytest.approx(0.1 * 0.25)

@@ -78,9 +78,10 @@ class HALOStrategy(GMP):
             self.before = trainer.history[-1]["test_accuracy"] if trainer.history else None
             self.after = trainer.evaluate()[1]
             self._freeze_scales()
-        if epoch + 1 == self.train_epochs and not self.pruned:
-            self.prune(trainer)
-            if self.lr_phases is not None:
+        if epoch + 1 == self.train_epochs:
+            if not self.pruned:
+                self.prune(trainer)
+            if self.lr_phases is not None:            # (gradual: pruned before; the phase starts all the same)
                 self.lr_phases.restart(trainer, trainer.step)
 
     def prune(self, trainer) -> None:
