@@ -197,3 +197,18 @@ def test_halo_finetune_lr_applies_under_plateau(prune, idx_dir, tmp_path):
     assert rc == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[2]["lr"] == pytest.approx(0.1 * 0.25)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--halo-prune", "final", "--prune-start", "0.1"], "--prune-start"),
+    (["--halo-prune", "final", "--prune-every", "10"], "--prune-every"),
+    (["--finetune-lr", "0.5"], "--finetune-lr"),
+    (["--halo-variant", "lasso", "--scale-lr", "0.5"], "--scale-lr"),
+    (["--halo-variant", "mcp", "--min-scale", "0.01"], "--min-scale"),
+])
+def test_halo_options_the_run_would_ignore_are_usage_errors(argv, flag, idx_dir, tmp_path, capsys):
+    rc = main(["train", "--method", "halo", "--data-dir", str(idx_dir), "--out", str(tmp_path / "r"),
+               "--epochs", "1", "--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"sparsetrain: error: {flag}:") and "allowed:" in err and "\n" not in err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()

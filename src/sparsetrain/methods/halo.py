@@ -120,6 +120,29 @@ class HALOStrategy(GMP):
             self._freeze_scales()
 
 
+GRADUAL_OPTIONS = ("prune_start", "prune_end", "prune_every")    # GMP's schedule: --halo-prune gradual only
+SCALE_OPTIONS = ("scale_lr", "scale_weight_decay", "min_scale")    # the trainable scales: not lasso / mcp
+
+
+def _check_options(o: dict, explicit: set = frozenset()) -> None:
+    """Refuse options this run would ignore (given explicitly, they would have no effect)."""
+    def refuse(key: str, why: str, allowed: str) -> None:
+        flag = "--" + key.replace("_", "-")
+        raise UsageError(f"{flag}: {why}; allowed: {allowed}, or leave {flag} out")
+
+    for k in GRADUAL_OPTIONS:
+        if k in explicit and o["halo_prune"] == "final":
+            refuse(k, "shapes the gradual prune schedule, which --halo-prune final (one prune after --epochs) "
+                   "does not use", "--halo-prune gradual")
+    if "finetune_lr" in explicit and o["finetune_epochs"] == 0:
+        refuse("finetune_lr", "sets the lr of the fine-tuning phase, and --finetune-epochs is 0",
+               "--finetune-epochs >= 1")
+    for k in SCALE_OPTIONS:
+        if k in explicit and o["halo_variant"] in ("lasso", "mcp"):
+            refuse(k, f"acts on the trainable HALO scales, which --halo-variant {o['halo_variant']} does not have",
+                   "--halo-variant halo, shared or shared-sq")
+
+
 @register("halo", "hierarchical adaptive lasso (HALO): trainable per-weight penalty scales, then a global "
           "magnitude prune to --sparsity", lr=0.1,
           options=(sparsity_option(),
@@ -147,7 +170,7 @@ class HALOStrategy(GMP):
                    fraction("prune_end", 0.6, "fraction of training at which the target sparsity is "
                             "reached (gmp, halo)"),
                    int_option("prune_every", 50, "steps between mask updates (gmp, halo)", 1),
-                   momentum_option(0.9)))
+                   momentum_option(0.9)), check=_check_options)
 def build(model, ctx: BuildContext):
     o = ctx.options
     if o["halo_variant"] in NO_BUDGET and (o["halo_budget"] or o["halo_squared"]):
