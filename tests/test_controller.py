@@ -126,3 +126,11 @@ def test_ramp_option_sets_when_the_density_path_reaches_the_target(method):
     end = c.budgets[0].target                   # (LinBreg: the first layer's own ERK budget)
     assert c.target_density(39) > end + 1e-6 and c.target_density(40) == pytest.approx(end)
     assert build(method, tiny_model(), sparsity=0.9).controller.ramp == 0.75          # the default
+
+
+@pytest.mark.parametrize("reg", ["none", "nuclear", "sparse-group"])
+def test_a_bregman_target_with_a_regularizer_the_budget_cannot_steer_names_reg(reg, idx_dir, tmp_path, capsys):
+    rc = main(["train", "--method", "linbreg", "--reg", reg, "--data-dir", str(idx_dir), "--epochs", "1",
+               "--train-subset", "64", "--test-subset", "64", "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("sparsetrain: error: --reg:") and "allowed: " in err and "l1" in err

@@ -68,8 +68,12 @@ class Regularized(Strategy):
         super().__init__(model, optimizer)
         self.schedules_lr = schedules_lr
         target = ctx.options.get("sparsity")
-        kind = BudgetController if isinstance(optimizer, BregmanOptimizer) and \
-            BudgetController.supports(optimizer) else SparsityController
+        bregman = isinstance(optimizer, BregmanOptimizer)
+        if target is not None and bregman and not BudgetController.supports(optimizer):
+            raise UsageError(f"--reg: {ctx.options.get('reg')} has no admission threshold, so {type(optimizer).__name__} "
+                             f"cannot be steered to --sparsity {target:g}; allowed: {', '.join(BUDGET_REGS)}, "
+                             f"or a fixed --lam without --sparsity")
+        kind = BudgetController if bregman else SparsityController
         self.controller = None if target is None else kind(
             optimizer, model, target, ctx.total_steps, ramp=ctx.options.get("ramp", 0.75),
             distribution=ctx.options.get("distribution", "global"))
@@ -101,6 +105,7 @@ RAMP = fraction("ramp", 0.75, "fraction of training at which the λ controller's
                "--sparsity", "in (0, 1]", lambda v: 0 < v <= 1)
 
 REGS = ("l1", "group", "conv-group", "sparse-group", "nuclear", "none")
+BUDGET_REGS = ("l1", "group", "conv-group")   # their activation gives the BudgetController its threshold
 
 
 def _layer_regularizers(kind: str, lam: float, groups: str, shared: bool = True):
