@@ -131,6 +131,8 @@ CASES = [
     # options that the rest of the command would silently ignore
     ("ramp-with-fixed-lam", lambda e: train(e, "--method", "proxsgd", "--lam", "1e-3", "--ramp", "0.5"),
      ["--ramp", "fixed --lam", "allowed: add --sparsity"]),
+    ("distribution-with-fixed-lam", lambda e: train(e, "--method", "linbreg", "--lam", "0.1", "--distribution", "erk"),
+     ["--distribution", "fixed --lam"]),
     ("ramp-with-fixed-c", lambda e: train(e, "--method", "grda", "--c", "1e-3", "--ramp", "0.5"),
      ["--ramp", "fixed --c"]),
     ("init-shape-with-dense-start", lambda e: train(e, "--method", "adabreg", "--lam", "1e-3", "--init-density", "1",

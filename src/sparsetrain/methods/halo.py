@@ -31,7 +31,6 @@ import math
 
 import torch
 
-NO_BUDGET = ("lasso", "mcp", "shared-sq")        # variants whose penalty has no ψ|Σ|λ| − P| term
 
 
 class HALOStrategy(GMP):
@@ -122,6 +121,8 @@ class HALOStrategy(GMP):
 
 GRADUAL_OPTIONS = ("prune_start", "prune_end", "prune_every")    # GMP's schedule: --halo-prune gradual only
 SCALE_OPTIONS = ("scale_lr", "scale_weight_decay", "min_scale")    # the trainable scales: not lasso / mcp
+BUDGET_OPTIONS = ("halo_budget", "halo_squared")                  # the ψ|Σ|λ| − P| term: halo / shared only
+NO_BUDGET = ("lasso", "mcp", "shared-sq")
 
 
 def _check_options(o: dict, explicit: set = frozenset()) -> None:
@@ -141,6 +142,10 @@ def _check_options(o: dict, explicit: set = frozenset()) -> None:
         if k in explicit and o["halo_variant"] in ("lasso", "mcp"):
             refuse(k, f"acts on the trainable HALO scales, which --halo-variant {o['halo_variant']} does not have",
                    "--halo-variant halo, shared or shared-sq")
+    for k in BUDGET_OPTIONS:
+        if k in explicit and o["halo_variant"] in NO_BUDGET:
+            refuse(k, f"shapes the ψ budget of the scales, which --halo-variant {o['halo_variant']} does not have",
+                   "--halo-variant halo or shared")
 
 
 @register("halo", "hierarchical adaptive lasso (HALO): trainable per-weight penalty scales, then a global "
@@ -173,10 +178,6 @@ def _check_options(o: dict, explicit: set = frozenset()) -> None:
                    momentum_option(0.9)), check=_check_options)
 def build(model, ctx: BuildContext):
     o = ctx.options
-    if o["halo_variant"] in NO_BUDGET and (o["halo_budget"] or o["halo_squared"]):
-        flag = "--halo-budget" if o["halo_budget"] else "--halo-squared"
-        raise UsageError(f"{flag}: shapes the ψ budget of the scales, which --halo-variant {o['halo_variant']} "
-                         f"does not have; allowed: --halo-variant halo or shared, or leave {flag} out")
     try:
         halo = HALO(model, o["xi"], o["psi"], P=o["halo_budget"], squared=o["halo_squared"],
                     variant=o["halo_variant"], min_scale=o["min_scale"], penalize=o["halo_penalize"])

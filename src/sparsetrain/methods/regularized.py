@@ -164,18 +164,23 @@ BREGMAN_OPTIONS = REG_OPTIONS + (
 )
 
 
-def _check_ramp(options: dict, explicit: set = frozenset(), lam_key: str = "lam") -> None:
-    """``--ramp`` shapes the λ controller's density path; a fixed λ (no target) has none."""
-    if "ramp" in explicit and _target_sparsity(options, lam_key) is None:
-        raise UsageError(f"--ramp: only used with a target sparsity, and this run has a fixed --{lam_key.replace('_', '-')} "
-                         f"and no --sparsity; allowed: add --sparsity, or leave --ramp out")
+CONTROLLER_OPTIONS = ("ramp", "distribution")   # shape the λ controller: used only under a target sparsity
+
+
+def _check_controller(options: dict, explicit: set = frozenset(), lam_key: str = "lam") -> None:
+    """``--ramp`` / ``--distribution`` shape the λ controller; a fixed λ (no target) has none."""
+    given = [k for k in CONTROLLER_OPTIONS if k in explicit]
+    if given and _target_sparsity(options, lam_key) is None:
+        flag = "--" + given[0]
+        raise UsageError(f"{flag}: only used with a target sparsity, and this run has a fixed "
+                         f"--{lam_key.replace('_', '-')} and no --sparsity; allowed: add --sparsity, or leave {flag} out")
 
 
 INIT_SHAPE_OPTIONS = ("init_scale", "init_bias_scale", "init_distribution")
 
 
 def _check_bregman(options: dict, explicit: set = frozenset()) -> None:
-    _check_ramp(options, explicit)
+    _check_controller(options, explicit)
     _check_init_density(options, explicit)
     ignored = [k for k in INIT_SHAPE_OPTIONS if k in explicit]
     if options["init_density"] >= 1 and ignored:
@@ -208,7 +213,7 @@ def _sparse_init(model, ctx: BuildContext) -> None:
 
 @register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", lr=0.1,
           options=REG_OPTIONS + (momentum_option(0.9), distribution_option("global", DISTRIBUTIONS)),
-          check=_check_ramp)
+          check=_check_controller)
 def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
                         weight_decay=ctx.cfg.weight_decay)
@@ -266,7 +271,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
               distribution_option("global", DISTRIBUTIONS),
-          ), check=_check_ramp)
+          ), check=_check_controller)
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
     reg = L1(o["lam"]) if o["distribution"] == "global" else (lambda *_: L1(o["lam"]))
@@ -284,7 +289,7 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
-          ), check=lambda options, explicit: _check_ramp(options, explicit, "c"))
+          ), check=lambda options, explicit: _check_controller(options, explicit, "c"))
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
