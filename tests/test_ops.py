@@ -149,3 +149,25 @@ def test_int64_index_cache_never_serves_a_freed_tensor():
         got = ops.reference(crow, col, values, xt, None, "spmm_sum")
         assert torch.equal(got, xt[i % 7].expand(n, 2)), i
         del crow, col, values, got
+
+
+class _FixedBatch(nn.Module):
+    """A model that only runs at batch size 4 (``reshape(4, -1)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(4, -1))
+
+
+def test_dynamic_batch_export_is_refused_not_silently_static():
+    from sparsetrain.errors import UsageError
+    with pytest.raises(UsageError, match="dynamic_batch"):
+        export_program(_FixedBatch(), torch.randn(4, 6))
+    model = _FixedBatch().eval()
+    ep = export_program(model, torch.randn(4, 6), dynamic_batch=False)   # asked for: static
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert close(ep.module()(x), model(x))

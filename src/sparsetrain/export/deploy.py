@@ -36,7 +36,8 @@ def _model(model_or_path) -> nn.Module:
 
 def export_program(model_or_path, example: torch.Tensor, *, portable: bool = False, dynamic_batch: bool = True):
     """A ``torch.export.ExportedProgram`` of a model or export file for inputs like ``example``
-    (batch dimension dynamic unless ``dynamic_batch=False``); see the module docstring."""
+    (batch dimension dynamic unless ``dynamic_batch=False``; a model whose batch dimension
+    cannot be dynamic is refused, naming ``dynamic_batch``); see the module docstring."""
     from .ops import portable as make_portable
     model = _model(model_or_path)
     dyn = None
@@ -48,9 +49,12 @@ def export_program(model_or_path, example: torch.Tensor, *, portable: bool = Fal
         with torch.no_grad():
             ep = torch.export.export(model, (example,), dynamic_shapes=dyn)
     except Exception as e:  # noqa: BLE001 - torch.export raises many kinds
-        if not dynamic_batch:
-            raise UsageError(f"torch.export: cannot export this model ({str(e).splitlines()[0][:200]})") from None
-        return export_program(model, example, portable=portable, dynamic_batch=False)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if dynamic_batch:   # never a silent static program: it would refuse every other batch size
+            raise UsageError(f"dynamic_batch: torch.export cannot make the batch dimension of this model dynamic "
+                             f"({why}); allowed: dynamic_batch=False (a program for the example's batch size "
+                             f"only)") from None
+        raise UsageError(f"torch.export: cannot export this model ({why})") from None
     return make_portable(ep) if portable else ep
 
 
