@@ -385,3 +385,14 @@ def test_a_tampered_native_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
     Path(str(first) + ".sha256").unlink()                          # no record: not trusted either
     first.write_bytes(first.read_bytes() + b"planted")
     assert rebuilt_cleanly()
+
+
+def test_a_native_library_writable_by_others_is_rebuilt_not_refused(tmp_path, monkeypatch):
+    from sparsetrain import native
+    if native._compiler() is None or not hasattr(os, "getuid"):
+        pytest.skip("no C compiler / no POSIX owners")
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path / "cache"))
+    first = native._build(native._compiler())
+    first.chmod(0o666)                                             # anyone could have replaced it
+    again = native._build(native._compiler())                      # rebuilt in our private directory
+    assert again == first and not again.stat().st_mode & 0o022

@@ -100,12 +100,12 @@ def _check_private(path: Path) -> None:
 def _verified(out: Path, key: str) -> bool:
     """Whether ``out`` is the library we built for ``key``: its sidecar ``.sha256`` (written by
     :func:`_build`) records the key (a hash of source, compiler, flags and CPU) and the library's
-    own sha256, and both match."""
+    own sha256, and both match, and no other user may write it (else it is rebuilt)."""
     try:
         recorded = Path(str(out) + ".sha256").read_text().split()
         _check_private(out)
         return recorded == [key, _sha256(out)]
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):
         return False
 
 
