@@ -286,6 +286,14 @@ def test_corrupt_and_truncated_files_are_usage_errors(tmp_path):
     _one_line_usage_error(lambda: export_model(build_model("lenet5"), "shrunk", tmp_path / "s"))  # no in_shape
 
 
+@pytest.mark.parametrize("fmt", ["shrunk", "sparse"])
+def test_a_model_given_for_a_shrunk_export_is_refused_not_ignored(fmt, tmp_path):
+    model = build_model("lenet300", (1, 28, 28), 10)
+    path = export_model(model, fmt, tmp_path / f"{fmt}.safetensors", measure=False)
+    mine = build_model("lenet300", (1, 28, 28), 10)        # would keep its random weights, silently
+    assert "model=" in _one_line_usage_error(lambda: load_export(path, model=mine))
+
+
 # ----------------------------------------------------------------------------- CLI
 def _write_idx(path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

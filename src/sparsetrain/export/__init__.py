@@ -259,12 +259,16 @@ def _load_export(path: str | os.PathLike, meta: dict, state: dict, model: nn.Mod
     dense / compressed: into ``model`` if given, else into a fresh ``build_model(meta.model, ...)``,
     else (a Sequential exported without a library name) rebuilt from the stored architecture.
     shrunk / sparse: an ``nn.Sequential`` (or ``torch.fx.GraphModule``) rebuilt from the file's
-    architecture (``model`` ignored).
+    architecture (a ``model`` is refused: its weights would stay untouched).
     sparse: the per-layer sparse/dense choice stored at export time is used, unless ``batch_size``
     is given: then both are timed again on this machine for that batch size.
     """
     fmt = meta["sparsetrain_format"]
     choice(fmt, f"export {path}: sparsetrain_format", FORMATS)
+    if model is not None and fmt in ("shrunk", "sparse"):   # else the caller's model keeps its own weights
+        raise UsageError(f"model: a {fmt} export is rebuilt from its own (cut) architecture and loads into no "
+                         f"given model; allowed: model= for dense, compressed or semi-structured exports, "
+                         f"or load_export({str(path)!r}) without model=")
     if fmt in ("dense", "compressed", "semi-structured"):
         from ..models import MODELS, build_model
         name = meta.get("model") or ""
