@@ -80,6 +80,19 @@ def test_bregman_weight_decay(device, make, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", [
+    lambda ps: ProxSGD(ps, lr=0.1, reg=L1(0.3), momentum=0.9, weight_decay=5e-4, maximize=True),
+    lambda ps: LinBreg(ps, lr=0.1, reg=L1(0.05), momentum=0.9, weight_decay=5e-4, maximize=True),
+    lambda ps: AdaBreg(ps, lr=0.01, reg=L1(0.05), maximize=True),
+    lambda ps: XRDA(ps, lr=0.5, lam=1e-3, maximize=True),
+], ids=["proxsgd", "linbreg", "adabreg", "xrda"])
+def test_maximize_takes_the_fused_path(device, make, monkeypatch):
+    """``maximize`` is applied to the gradients by the base before the update, so the kernels
+    implement it as they are (no fallback to the torch path)."""
+    _check(make, device, monkeypatch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_linbreg_momentum_rescaled_when_lr_changes(device, monkeypatch):
     def make(ps):
         opt = LinBreg(ps, lr=0.1, reg=L1(0.05), momentum=0.9)

@@ -118,6 +118,12 @@ class SparseOptimizer(Optimizer):
     def _use_foreach(group: dict) -> bool:
         return group.get("foreach") is not False
 
+    @property
+    def _applied_keys(self) -> tuple[str, ...]:
+        """Group keys :meth:`_effective_grads` applies to the gradients before each update (so a
+        fused kernel, which reads those gradients, implements them as it is)."""
+        return ("maximize", "weight_decay") if self.coupled_weight_decay else ("maximize",)
+
     def _fused_cache(self) -> dict:
         """Device tables of the fused GPU steps (:mod:`.fused_cuda`); not part of the state."""
         return self.__dict__.setdefault("_fused", {})

@@ -83,7 +83,7 @@ class AdaBreg(BregmanOptimizer):
         kw = dict(reg=reg, lr=float(group["lr"]), delta=delta, beta1=group["betas"][0], beta2=group["betas"][1],
                   eps=group["eps"])
         streams, cache = [params, grads, vs, exp_avgs, exp_avg_sqs], self._fused_cache()
-        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN, cache)
+        if not (fused_cuda.applicable(streams, group, fused_cuda.BREGMAN_KNOWN, cache, self._applied_keys)
                 and fused_cuda.adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw, cache=cache)):
             adabreg(params, grads, vs, exp_avgs, exp_avg_sqs, steps, **kw, foreach=self._use_foreach(group))
 

@@ -110,12 +110,13 @@ def _tensors_ok_cached(streams, cache: dict | None) -> bool:
     return ok
 
 
-def applicable(streams, group: dict, known: dict, cache: dict | None = None) -> bool:
+def applicable(streams, group: dict, known: dict, cache: dict | None = None, applied=()) -> bool:
     """Whether the fused path implements this step: Triton present, not switched off, float32
     dense tensors on CUDA (any device when forced; ``streams``: the lists of parameters, gradients,
     states), the group's regularizer L1 or none, and every other group key either in ``known``
-    (a predicate on its value) or switched off. ``cache``: the optimizer's, to check the tensors
-    once per set of addresses."""
+    (a predicate on its value), in ``applied`` (already applied to the gradients the kernel reads,
+    e.g. ``maximize`` by :class:`~sparsetrain.optim._base.SparseOptimizer`) or switched off.
+    ``cache``: the optimizer's, to check the tensors once per set of addresses."""
     if triton is None or _mode() in ("off", "0", "false"):
         return False
     reg = group.get("reg")
@@ -123,7 +124,7 @@ def applicable(streams, group: dict, known: dict, cache: dict | None = None) -> 
         return False
     known = {**_COMMON, **known}
     for key, value in group.items():
-        if key in ("params", "reg") or key.startswith("bregman_state"):
+        if key in ("params", "reg") or key in applied or key.startswith("bregman_state"):
             continue
         if key in known:
             if not known[key](value):
@@ -515,11 +516,11 @@ XRDA_KNOWN = {key: (lambda x: True) for key in (
     "alpha", "mode", "weight_decay", "penalize")}
 
 
-def xrda_applicable(streams, group: dict, cache: dict | None = None) -> bool:
+def xrda_applicable(streams, group: dict, cache: dict | None = None, applied=()) -> bool:
     """:func:`applicable` for xRDA; kernel mode also needs 4-D weights in the default layout, where
     each kernel w[o, i] is a run of consecutive entries (an output channel w[o] is one in
     channels_last too)."""
-    if not applicable(streams, group, XRDA_KNOWN, cache):
+    if not applicable(streams, group, XRDA_KNOWN, cache, applied):
         return False
     return group["mode"] != "kernel" or all(p.dim() < 3 or p.is_contiguous() for p in streams[0])
 

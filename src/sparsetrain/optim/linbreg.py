@@ -80,7 +80,8 @@ class LinBreg(BregmanOptimizer):
         if not params:
             return
         fused, cache = None, self._fused_cache()
-        if fused_cuda.applicable([params, grads, vs, bufs], group, fused_cuda.BREGMAN_KNOWN, cache):
+        if fused_cuda.applicable([params, grads, vs, bufs], group, fused_cuda.BREGMAN_KNOWN, cache,
+                                 self._applied_keys):
             fused = fused_cuda.linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr, delta=delta,
                                        momentum=beta, cache=cache)
         scales = fused if fused is not None else linbreg(params, grads, vs, bufs, scales, reg=reg, lr=lr,

@@ -61,10 +61,11 @@ class ProxSGD(SparseOptimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
-        if params and fused_cuda.applicable([params, grads, bufs], group, fused_cuda.PROXSGD_KNOWN,
-                                                self._fused_cache()):
+        cache = self._fused_cache()
+        if params and fused_cuda.applicable([params, grads, bufs], group, fused_cuda.PROXSGD_KNOWN, cache,
+                                            self._applied_keys):
             fused_cuda.proxsgd(params, grads, bufs, reg=group.get("reg"), lr=float(group["lr"]), momentum=mu,
-                               weight_decay=group["weight_decay"], cache=self._fused_cache())
+                               weight_decay=group["weight_decay"], cache=cache)
         elif params:
             proxsgd(params, grads, bufs, reg=group.get("reg"), lr=float(group["lr"]), momentum=mu,
                     weight_decay=group["weight_decay"], foreach=self._use_foreach(group))

@@ -217,8 +217,9 @@ class XRDA(SparseOptimizer):
                       lam=float(group["lam"]), max_factor=float(group["max_factor"]),
                       weight_decay=group["weight_decay"], reweight=reweight, mode=mode, penalize=penalize)
             Ts = None
-            if fused_cuda.xrda_applicable([params, *streams], group, self._fused_cache()):
-                Ts = fused_cuda.xrda(params, *streams, **kw, gamma_next=gamma_next, cache=self._fused_cache())
+            cache = self._fused_cache()
+            if fused_cuda.xrda_applicable([params, *streams], group, cache, self._applied_keys):
+                Ts = fused_cuda.xrda(params, *streams, **kw, gamma_next=gamma_next, cache=cache)
             if Ts is None:
                 Ts = xrda(params, *streams, **kw, foreach=self._use_foreach(group), hints=hints,
                           gamma_next=gamma_next)
