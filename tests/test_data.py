@@ -87,3 +87,15 @@ def test_validation_split_is_seeded(idx_dir):
     b = make_loaders("fashion-mnist", str(idx_dir), val_fraction=0.1, seed=1, download=False)
     assert len(a.val.x) == 60 and len(a.train.x) == 540
     assert torch.equal(a.val.y, b.val.y)
+
+
+def test_gzipped_cifar_batches_are_read(cifar_dir, tmp_path):
+    """locate() accepts a dataset file or its .gz for every dataset; the CIFAR reader reads both."""
+    import gzip
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for f in (cifar_dir / "cifar-10-batches-py").iterdir():
+        (d / (f.name + ".gz")).write_bytes(gzip.compress(f.read_bytes()))
+    want = load_arrays("cifar10", str(cifar_dir), download=False)
+    got = load_arrays("cifar10", str(tmp_path), download=False)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))

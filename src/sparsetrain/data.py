@@ -114,14 +114,11 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if Path(path).exists() and not Path(path).is_file():
-        raise UsageError(f"data file {path}: not a regular file; allowed: the dataset's original file")
+    raw = _open(Path(path))                 # the file or its .gz, as locate() accepts
     try:
-        d = _CifarUnpickler(io.BytesIO(Path(path).read_bytes()), encoding="bytes").load()
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
-    except FileNotFoundError:
-        raise
     except Exception as e:  # noqa: BLE001 - any decoding problem is a bad data file
         raise UsageError(f"data file {path}: not a CIFAR python batch ({e})") from None
     return x, y
@@ -141,8 +138,10 @@ def _candidates(info: DatasetInfo) -> list[Path]:
             SYSTEM_DIR / info.name.replace("-", "_")]
 
 
-def _missing(d: Path, info: DatasetInfo) -> list[str]:
-    return [f for f in info.files if not ((d / f).exists() or (d / (f + ".gz")).exists())]
+def _missing(d: Path, info: DatasetInfo, files=None) -> list[str]:
+    """Those of ``files`` (default: the dataset's required ones) in ``d`` neither as given nor as .gz."""
+    return [f for f in (info.files if files is None else files)
+            if not ((d / f).exists() or (d / (f + ".gz")).exists())]
 
 
 def _has_files(d: Path, info: DatasetInfo) -> bool:
@@ -206,7 +205,8 @@ def load_arrays(name: str, data_dir: str | None = None, download: bool = True):
                                  f"the dataset's original files")
         return _checked(name, d, xs[0][:, None], xs[1].astype(np.int64), xs[2][:, None], xs[3].astype(np.int64))
     if name == "cifar10":
-        parts = [read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6) if (d / f"data_batch_{i}").exists()]
+        present = [f for f in (f"data_batch_{i}" for i in range(1, 6)) if not _missing(d, info, (f,))]
+        parts = [read_cifar_batch(d / f) for f in present]
         te = read_cifar_batch(d / "test_batch")
     else:
         parts, te = [read_cifar_batch(d / "train")], read_cifar_batch(d / "test")
