@@ -258,3 +258,24 @@ def test_a_diverged_run_is_reported_and_the_compare_goes_on(idx_dir, tmp_path, c
     assert [r["name"] for r in data["runs"]] == ["gmp-s0.5-seed0"]               # the compare went on
     md = (out / "results.md").read_text()
     assert "Diverged runs" in md and "- dense-seed0: loss is" in md and "| gmp | 50 |" in md
+
+
+def test_a_dead_run_is_reported_as_dead_not_as_diverged(idx_dir, tmp_path, monkeypatch, capsys):
+    import torch.nn as nn
+    import sparsetrain.trainer as trainer
+
+    def dead_mlp(*a, **k):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(784, 32, bias=False), nn.ReLU(), nn.Linear(32, 10))
+        nn.init.zeros_(net[1].weight)
+        return net
+    monkeypatch.setattr(trainer, "build_model", dead_mlp)
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--methods", "dense", "--seeds", "1", "--epochs", "1", "--batch-size", "16",
+               "--train-subset", "96", "--test-subset", "32", "--data-dir", str(idx_dir), "--out", str(out)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert rc == 3 and len(err) == 1 and "dense-seed0" in err[0]
+    assert "dead network" in err[0] and "NaN" not in err[0]
+    assert "1 dead)" in captured.out
+    md = (out / "results.md").read_text()
+    assert "dead networks" in md and json.loads((out / "results.json").read_text())["failed"][0]["reason"] == "dead"

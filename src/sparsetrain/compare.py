@@ -289,9 +289,10 @@ def compare(methods, sparsities=DEFAULT_SPARSITIES, *, model: str = "lenet300", 
         try:
             summary = Trainer(cfg).run()
         except (FloatingPointError, DeadNetworkError) as e:
+            reason = "dead" if isinstance(e, DeadNetworkError) else "diverged"
             failed.append({"name": run["name"], "method": run["method"], "target": run["target"],
-                           "seed": run["seed"], "dir": str(d.relative_to(out)), "error": str(e)})
-            log(f"{label}: {'dead' if isinstance(e, DeadNetworkError) else 'diverged'}: {e}")
+                           "seed": run["seed"], "dir": str(d.relative_to(out)), "error": str(e), "reason": reason})
+            log(f"{label}: {reason}: {e}")
             _write_results(out, settings, rows, failed, complete=False)
             continue
         executed.append(run["name"])
@@ -461,9 +462,24 @@ def markdown(results: dict) -> str:
         lines += ["", "⚠ missed: at least one seed of the cell ended more than 0.5 percentage points away from "
                       "its target sparsity (target_met false in its summary.json)."]
     if results.get("failed"):
-        lines += ["", "Diverged runs (NaN loss; not in the table):", ""]
+        dead = any(_reason(f) == "dead" for f in results["failed"])
+        lines += ["", "Diverged runs (NaN loss" + (") and dead networks (no gradient reaches a layer); "
+                                                   if dead else "; ") + "not in the table:", ""]
         lines += [f"- {f['name']}: {f['error']}" for f in results["failed"]]
     return "\n".join(lines) + "\n"
+
+
+def _reason(failed_run: dict) -> str:
+    """``"diverged"`` (a NaN/inf loss) or ``"dead"`` (no gradient reaches a layer)."""
+    return failed_run.get("reason", "diverged")     # results written before dead runs were told apart
+
+
+def _failures(failed: list[dict], short: bool = False) -> str:
+    """``1 run(s) diverged (NaN loss), 2 run(s) with a dead network (...)`` (short: ``1 diverged, 2 dead``)."""
+    words = {"diverged": ("diverged", "run(s) diverged (NaN loss)"),
+             "dead": ("dead", "run(s) with a dead network (no gradient reaches a layer)")}
+    counts = {k: sum(_reason(f) == k for f in failed) for k in words}
+    return ", ".join(f"{n} {words[k][0 if short else 1]}" for k, n in counts.items() if n)
 
 
 def _target_method(method: str, results: dict) -> bool:
@@ -620,11 +636,11 @@ def run_cli(args) -> int:
         print("sparsetrain: compare interrupted; finished runs are kept: run the same command again to "
               "continue (finished runs are skipped, the interrupted one resumes)", file=sys.stderr)
         return 130
-    diverged = f", {len(results['failed'])} diverged" if results["failed"] else ""
+    failed = f", {_failures(results['failed'], short=True)}" if results["failed"] else ""
     print(f"wrote {Path(args.out) / 'results.md'} ({len(results['executed'])} runs trained, "
-          f"{len(results['skipped'])} done earlier{diverged})")
+          f"{len(results['skipped'])} done earlier{failed})")
     if results["failed"]:
-        print(f"sparsetrain: error: {len(results['failed'])} run(s) diverged (NaN loss): "
+        print(f"sparsetrain: error: {_failures(results['failed'])}: "
               f"{', '.join(f['name'] for f in results['failed'])}; see results.md", file=sys.stderr)
         return 3
     return 0
