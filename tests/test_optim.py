@@ -425,6 +425,18 @@ def test_lam_controller_interface():
     assert g.get_lam() == [0.02, None]
 
 
+def test_scale_lam_of_chosen_groups_refuses_unknown_indices():
+    model = make_model()
+    opt = LinBreg([{"params": [model[0].weight], "reg": L1(0.1)}, {"params": [model[3].weight], "reg": L1(0.2)}],
+                  lr=0.1)
+    opt.scale_lam(2.0, groups=[1])
+    assert opt.get_lam() == [0.1, 0.4]
+    for bad in ([2], [-1], ["0"]):   # an index no group has would change nothing, silently
+        with pytest.raises(UsageError, match=r"^groups: .*allowed: .*0, 1"):
+            opt.scale_lam(2.0, groups=bad)
+    assert opt.get_lam() == [0.1, 0.4]
+
+
 def test_add_param_group_and_default_reg():
     model = make_model()
     opt = LinBreg([model[0].weight], lr=0.1, reg=L1(0.1))

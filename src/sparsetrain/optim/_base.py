@@ -166,6 +166,10 @@ class SparseOptimizer(Optimizer):
         factor = check_number(factor, "factor")
         seen: set[int] = set()
         chosen = None if groups is None else set(groups)
+        for i in chosen or ():
+            if not (isinstance(i, int) and 0 <= i < len(self.param_groups)):
+                raise UsageError(f"groups: unknown param group index {i!r}; allowed: "
+                                 f"{', '.join(map(str, range(len(self.param_groups))))}")
         for i, g in enumerate(self.param_groups):
             if not self.is_regularized(g) or (chosen is not None and i not in chosen):
                 continue
