@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ PRESETS = {
 METHODS = "gmp,linbreg,adabreg,halo,xrda"
 
 
-def main() -> None:
+def main() -> int:
+    """Writes the table; returns 1 (the exit code) when a run failed (diverged or dead), else 0."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=tuple(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default=METHODS)
@@ -57,7 +59,7 @@ def main() -> None:
              + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
              "", "| model | method | target (%) | test accuracy (%) | Δ vs GMP | sparsity (%) | wall s / run | flag |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    table = []
+    table, failed = [], 0
     for model in models:
         res = compare(args.methods, list(p["sparsities"]), model=model, epochs=p["epochs"], seeds=args.seeds,
                       out=Path(args.out) / model, batch_size=p["batch_size"], data_dir=args.data_dir,
@@ -73,6 +75,7 @@ def main() -> None:
             lines.append(f"| {model} | {c['method']} | {100 * t:g} | {100 * a:.2f} | {gap} | "
                          f"{100 * c['sparsity_mean']:.2f} | {c.get('wall_seconds_mean') or float('nan'):.1f} | {flag} |")
             table.append({"model": model, **{k: v for k, v in c.items() if not isinstance(v, (list, dict))}})
+        failed += len(res["failed"])
         for f in res["failed"]:
             lines.append(f"| {model} | {f['method']} | {f['target']} | failed | | | | {f['error'][:80]} |")
             table.append({"model": model, "method": f["method"], "target": f["target"], "error": f["error"]})
@@ -82,7 +85,10 @@ def main() -> None:
     (out / f"conv_nets{suffix}.md").write_text("\n".join(lines) + "\n")
     (out / f"conv_nets{suffix}.json").write_text(json.dumps(table, indent=1))
     print("\n".join(lines))
+    if failed:
+        print(f"conv_nets: error: {failed} run(s) failed (see the table)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
