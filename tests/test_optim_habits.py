@@ -43,6 +43,19 @@ def test_weight_decay_is_accepted_and_acts(name):
         FACTORIES[name]([torch.nn.Parameter(torch.ones(2))], weight_decay=-1.0)
 
 
+@pytest.mark.parametrize("name", FACTORIES)
+def test_every_param_group_checks_weight_decay_and_maximize(name):
+    """A group's own weight_decay / maximize is checked as the defaults are: a negative decay (a
+    growth term) or a maximize of 'no' (truthy: it ascended) were taken silently."""
+    opt = FACTORIES[name]([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="^weight_decay: must be >= 0"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": -1.0})
+    with pytest.raises(ValueError, match="^maximize: must be True or False, got 'no'"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "maximize": "no"})
+    with pytest.raises(ValueError, match="^maximize: must be True or False"):
+        FACTORIES[name]([torch.nn.Parameter(torch.ones(2))], maximize=1)
+
+
 def _pair(make_ours, make_torch, steps=6):
     torch.manual_seed(1)
     a = torch.nn.Parameter(torch.randn(8, 5))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..errors import UsageError
+from ..errors import UsageError, check
 from ..regularizers import Null, Regularizer, is_null, regularizer_from_dict
 
 _CALLABLE = "<callable: not serialised, kept from the live optimizer on load>"
@@ -67,6 +67,10 @@ class SparseOptimizer(Optimizer):
         for p in group["params"]:
             if p.is_sparse:
                 raise UsageError("params: sparse tensors are not supported")
+        # the keys step() applies itself (_effective_grads), checked here for every group
+        if "weight_decay" in group:
+            check_number(group["weight_decay"], "weight_decay")
+        check(isinstance(group.get("maximize", False), bool), "maximize", "True or False", group.get("maximize"))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -49,7 +49,6 @@ class AdaBreg(BregmanOptimizer):
         check_number(betas[0], "betas[0]", high=1.0, high_strict=True)
         check_number(betas[1], "betas[1]", high=1.0, high_strict=True)
         check_number(eps, "eps")
-        check_number(weight_decay, "weight_decay")
         defaults = dict(lr=lr, reg=reg, delta=delta, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)

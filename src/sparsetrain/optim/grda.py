@@ -48,7 +48,6 @@ class GRDA(SparseOptimizer):
         check_number(lr, "lr")
         check_number(c, "c")
         check_number(mu, "mu", strict=True)
-        check_number(weight_decay, "weight_decay")
         super().__init__(params, dict(lr=lr, c=c, mu=mu, weight_decay=weight_decay, maximize=maximize,
                                       penalize=True, foreach=foreach))
 

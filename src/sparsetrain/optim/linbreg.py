@@ -52,7 +52,6 @@ class LinBreg(BregmanOptimizer):
                  weight_decay: float = 0.0, *, maximize: bool = False, foreach: bool | None = None) -> None:
         check_number(lr, "lr")
         check_number(momentum, "momentum", high=1.0, high_strict=True)
-        check_number(weight_decay, "weight_decay")
         defaults = dict(lr=lr, reg=reg, delta=delta, momentum=momentum, weight_decay=weight_decay,
                         maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)

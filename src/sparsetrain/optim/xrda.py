@@ -162,7 +162,6 @@ class XRDA(SparseOptimizer):
         check_number(g["tau"], "tau", strict=True)
         check_number(g["tau_b"], "tau_b", strict=True)
         check_number(g["max_factor"], "max_factor", low=1.0)
-        check_number(g["weight_decay"], "weight_decay")
         choice(g["schedule"], "schedule", SCHEDULES)
         choice(g["mode"], "mode", MODES)
         if g["schedule"] == "cosine" and not (isinstance(g["total_steps"], numbers.Integral)
