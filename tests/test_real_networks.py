@@ -65,6 +65,15 @@ def _dead_mlp():
     return net
 
 
+def test_a_run_shorter_than_the_first_checks_is_checked_too(idx_dir, tmp_path, monkeypatch, capsys):
+    """Two steps in all (the check looks at the first five): still exit 3, not exit 0 at chance."""
+    import sparsetrain.trainer as trainer
+    monkeypatch.setattr(trainer, "build_model", lambda *a, **k: _dead_mlp())
+    rc = main(["train", "--method", "dense", "--data-dir", str(idx_dir), "--epochs", "1", "--batch-size", "64",
+               "--train-subset", "128", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 3 and "dead network" in capsys.readouterr().err
+
+
 def test_a_dead_network_stops_with_exit_3_naming_the_layer(idx_dir, tmp_path, monkeypatch, capsys):
     import sparsetrain.trainer as trainer
     monkeypatch.setattr(trainer, "build_model", lambda *a, **k: _dead_mlp())
