@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sparsetrain.compare import compare
+from sparsetrain.errors import UsageError
 from sparsetrain.models import MODELS
 
 QUICK = dict(epochs=3, train_subset=2000, test_subset=1000, batch_size=32)
@@ -90,5 +91,14 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def cli() -> int:
+    """``main`` with bad input (a model, a method, an --out in use) as one line and exit code 2."""
+    try:
+        return main()
+    except UsageError as e:
+        print(f"conv_nets: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -396,3 +396,19 @@ def test_a_native_library_writable_by_others_is_rebuilt_not_refused(tmp_path, mo
     first.chmod(0o666)                                             # anyone could have replaced it
     again = native._build(native._compiler())                      # rebuilt in our private directory
     assert again == first and not again.stat().st_mode & 0o022
+
+
+@pytest.mark.parametrize("argv, needle", [(["--models", "nosuch"], "--model: unknown value 'nosuch'"),
+                                          (["--models", "lenet5", "--methods", "bogus"], "--methods: unknown method")])
+def test_conv_nets_benchmark_bad_input_is_one_line(argv, needle, tmp_path, monkeypatch, capsys):
+    """benchmarks/conv_nets.py ended in a UsageError traceback (e.g. an --out another run holds)."""
+    import importlib.util
+    import sys
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "conv_nets.py"
+    spec = importlib.util.spec_from_file_location("conv_nets_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["conv_nets.py", "--preset", "sweep", "--out", str(tmp_path), *argv])
+    assert bench.cli() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("conv_nets: error: ") and needle in err and "\n" not in err
