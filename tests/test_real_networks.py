@@ -221,3 +221,8 @@ def test_per_model_defaults_and_a_default_start_that_would_exceed_the_target():
     assert ada.resolve({"sparsity": 0.995}, "lenet5")["init_density"] == pytest.approx(0.001)
     with pytest.raises(UsageError, match="--init-density"):
         ada.resolve({"sparsity": 0.995, "init_density": 0.01}, "lenet5")
+    lin = get_method("linbreg")          # LeNet-5 takes one global λ; the other models ERK budgets
+    assert lin.resolve({"sparsity": 0.98}, "lenet5")["distribution"] == "global"
+    assert lin.resolve({"sparsity": 0.98}, "resnet20")["distribution"] == "erk"
+    assert lin.resolve({"sparsity": 0.98, "distribution": "erk"}, "lenet5")["distribution"] == "erk"
+    assert lin.resolve({"lam": 0.1}, "lenet5")["distribution"] == "global"   # a default: no usage error
