@@ -12,7 +12,7 @@ sparsity. Presets:
 ``sweep``: every built-in model × 90 / 95 / 98 %, the ``cpu`` preset's small budget (a smoke
     test that no model × method × target ends at chance or off its target).
 
-    python benchmarks/conv_nets.py [--preset cpu|gpu|sweep] [--seeds 1] [--out results/conv_nets]
+    python benchmarks/conv_nets.py [--preset cpu|gpu|sweep] [--seeds 1] [--out results/conv_nets] [--sparsity 0.95]
         [--methods gmp,linbreg,adabreg,halo,xrda] [--models resnet20,convnet] [--data-dir DIR]
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--models", default=None, help="comma-separated models (default: the preset's)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--sparsity", default=None, help="comma-separated targets (default: the preset's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (autocast on a GPU)")
     ap.add_argument("--data-dir", default=None)
@@ -54,6 +55,12 @@ def main() -> int:
     p = dict(PRESETS[args.preset])
     if args.epochs is not None:
         p["epochs"] = args.epochs
+    if args.sparsity is not None:
+        try:
+            p["sparsities"] = tuple(float(x) for x in args.sparsity.split(","))
+        except ValueError:
+            raise UsageError(f"--sparsity: {args.sparsity!r} is not a comma-separated list of numbers; "
+                             f"allowed: e.g. 0.9,0.95") from None
     models = args.models.split(",") if args.models else p["models"]
     lines = [f"preset {args.preset}: {p['epochs']} epochs, batch {p['batch_size']}, train subset "
              f"{p['train_subset'] or 'all'}, {args.seeds} seed(s), device {args.device}, {args.precision}"

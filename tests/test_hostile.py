@@ -399,7 +399,9 @@ def test_a_native_library_writable_by_others_is_rebuilt_not_refused(tmp_path, mo
 
 
 @pytest.mark.parametrize("argv, needle", [(["--models", "nosuch"], "--model: unknown value 'nosuch'"),
-                                          (["--models", "lenet5", "--methods", "bogus"], "--methods: unknown method")])
+                                          (["--models", "lenet5", "--methods", "bogus"], "--methods: unknown method"),
+                                          (["--models", "lenet5", "--sparsity", "0.9,x"], "--sparsity: '0.9,x'"),
+                                          (["--models", "lenet5", "--sparsity", "1.5"], "--sparsity")])
 def test_conv_nets_benchmark_bad_input_is_one_line(argv, needle, tmp_path, monkeypatch, capsys):
     """benchmarks/conv_nets.py ended in a UsageError traceback (e.g. an --out another run holds)."""
     import importlib.util
