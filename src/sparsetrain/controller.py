@@ -24,7 +24,10 @@ log max_factor) halves whenever the error changes sign and grows back by 20 % wh
 subgradient v crosses the threshold λ (``|v| > λ`` for ℓ1, ``‖v_g‖ > λ√n_g`` for a group), so
 λ can be *computed*: every ``every`` steps it is set so that exactly the entries the budget
 ``density*(t)`` allows — those with the largest ``|v|/λ`` — are admitted, and so that none are
-admitted while the network is at its budget. When fewer candidates carry evidence (|v| > 0)
+admitted while the network is at its budget. During the first ``warmup`` steps, while momentum
+builds up and the gradients grow (v accelerates), it also checks the steps in between: where the
+entries about to cross λ would take a budget past its *final* density (which Bregman iterations
+could never come down from), λ is raised so that they cannot. When fewer candidates carry evidence (|v| > 0)
 than the budget allows, λ is not lowered past them (it never collapses to 0) and the rest are
 grown by gradient magnitude, as RigL grows: for ℓ1, the zero entries with the largest |∂L/∂w|
 get v = −sign(∂L/∂w)·λ(1 + 10⁻³), i.e. they enter at ≈ 0 and move along −∂L/∂w.
@@ -47,6 +50,10 @@ from .regularizers import L1
 DISTRIBUTIONS = ("global", "uniform", "erk")
 GROW_MARGIN = 1e-3
 START_TOLERANCE = 0.005     # a BudgetController's start may exceed the target density by this much
+# steps at the start in which the BudgetController also guards the final budget between its updates:
+# on ResNet-56 at 98 % the first five steps took the density from 0.7 to 2.25 % (target 2 %)
+WARMUP_STEPS = 20
+GUARD_MARGIN = 2.0     # the guard's one-step look-ahead misses acceleration; passing the final budget is for good
 
 
 class _Budget:
@@ -216,10 +223,10 @@ class BudgetController(SparsityController):
 
     def __init__(self, optimizer, model: nn.Module, sparsity: float, total_steps: int, *,
                  every: int = 5, ramp: float = 0.75, margin: float = 1.05, start_lam: float = 1.0,
-                 distribution: str = "global"):
+                 distribution: str = "global", warmup: int = WARMUP_STEPS):
         super().__init__(optimizer, model, sparsity, total_steps, every=every, ramp=ramp,
                          distribution=distribution)
-        self.margin = margin
+        self.margin, self.warmup = margin, warmup
         for g in optimizer.param_groups:
             g["inactive"] = "keep"
         # start high, so that nothing is admitted before the first budget update computes λ
@@ -234,6 +241,42 @@ class BudgetController(SparsityController):
                              f"the target {target:.4f}; Bregman iterations only add weights, so it cannot "
                              f"come down to it; allowed: a sparse start (sparse_init_ with a density <= "
                              f"{target:g})")
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        super().update(step)
+        if step % self.every and step < self.warmup and self.budgets and self.budgets[0].start is not None:
+            self._hold_final_budget(step)
+
+    def _hold_final_budget(self, step: int) -> None:
+        """Between two updates: raise λ of every budget whose zero entries about to cross it (v one
+        step ahead, at its velocity since the last update) would take it past its final density.
+        Reads the state only (the look-ahead of the updates is unchanged), so a run in which no
+        budget is at risk takes the same steps as without this guard."""
+        dens, plans, stats = _densities(self.budgets), [], []
+        for b, d in zip(self.budgets, dens):
+            room = int(round(b.target * b.numel)) - int(round(d * b.numel))
+            since = step - (step // self.every) * self.every
+            scores = [torch.where(p == 0, g["reg"].activation(v + (v - last) / since), v.new_full((), -1.0)).flatten()
+                      for (p, g, v), last in zip(self._tensors(b), b.last_v) if last.shape == v.shape]
+            if not scores:
+                continue
+            scores = torch.cat(scores)
+            m = min(max(room, 0) + 1, scores.numel())
+            stats.append(torch.stack([(scores > 1).sum().to(scores.dtype), torch.topk(scores, m).values[-1]]))
+            plans.append((b, room, m))
+        for (b, room, m), (crossing, cut) in zip(plans, torch.stack(stats).tolist() if stats else []):
+            if crossing > max(room, 0) and m > max(room, 0) and cut > 0:
+                self._scale(b, cut * GUARD_MARGIN)     # the (room+1)-th strongest stays out, with room to spare
+
+    def _tensors(self, b: _Budget):
+        """(param, group, v) of budget ``b``'s regularized tensors that have a Bregman state."""
+        for gi in b.groups:
+            g = self.optimizer.param_groups[gi]
+            for p in g["params"]:
+                v = self.optimizer.state.get(p, {}).get("v")
+                if v is not None:
+                    yield p, g, v
 
     @staticmethod
     def supports(optimizer) -> bool:
