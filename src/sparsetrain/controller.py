@@ -254,9 +254,9 @@ class BudgetController(SparsityController):
         Reads the state only (the look-ahead of the updates is unchanged), so a run in which no
         budget is at risk takes the same steps as without this guard."""
         dens, plans, stats = _densities(self.budgets), [], []
+        since = step % self.every           # steps since the last update, which read last_v
         for b, d in zip(self.budgets, dens):
             room = int(round(b.target * b.numel)) - int(round(d * b.numel))
-            since = step - (step // self.every) * self.every
             scores = [torch.where(p == 0, g["reg"].activation(v + (v - last) / since), v.new_full((), -1.0)).flatten()
                       for (p, g, v), last in zip(self._tensors(b), b.last_v) if last.shape == v.shape]
             if not scores:
@@ -290,19 +290,12 @@ class BudgetController(SparsityController):
         change since the last update (Adam-type steps move all candidates at once, so the
         admission must look ahead) and −1 at the nonzero entries (no boolean indexing: no sync)."""
         out, last = [], []
-        i = 0
-        for gi in b.groups:
-            g = self.optimizer.param_groups[gi]
-            for p in g["params"]:
-                v = self.optimizer.state.get(p, {}).get("v")
-                if v is None:
-                    continue
-                prev = b.last_v[i] if i < len(b.last_v) and b.last_v[i].shape == v.shape else v
-                zero = p == 0
-                act = g["reg"].activation(2 * v - prev)
-                out.append((p, g, zero, torch.where(zero, act, act.new_full((), -1.0))))
-                last.append(b.last_v[i].copy_(v) if prev is not v else v.clone())
-                i += 1
+        for i, (p, g, v) in enumerate(self._tensors(b)):
+            prev = b.last_v[i] if i < len(b.last_v) and b.last_v[i].shape == v.shape else v
+            zero = p == 0
+            act = g["reg"].activation(2 * v - prev)
+            out.append((p, g, zero, torch.where(zero, act, act.new_full((), -1.0))))
+            last.append(b.last_v[i].copy_(v) if prev is not v else v.clone())
         b.last_v = last
         return out
 
