@@ -27,8 +27,12 @@ class DeadNetworkError(RuntimeError):
 
 
 class LivenessCheck:
-    def __init__(self, model: nn.Module, steps: int = 5, every: int = 50, patience: int = 3):
+    def __init__(self, model: nn.Module, steps: int = 5, every: int = 50, patience: int = 3,
+                 total_steps: int | None = None):
+        """``total_steps``: the run's length; a run shorter than ``steps`` is checked over all of its steps."""
         self.weights = [(n, w) for n, w in prunable_weights(model) if w.requires_grad and w.numel()]
+        if total_steps is not None:
+            steps = max(1, min(steps, total_steps))
         self.steps, self.every, self.patience = steps, every, patience
         self.alive = [False] * len(self.weights)
         self.silent = 0            # consecutive later checks without any weight gradient

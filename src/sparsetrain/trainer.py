@@ -317,8 +317,7 @@ class Trainer:
         self.epochs = self.strategy.total_epochs(cfg.epochs)
         self.scheduler = make_scheduler(self.strategy.optimizer, cfg, len(self.loaders.train), self.epochs,
                                         "constant" if self.strategy.schedules_lr else None)
-        # a run shorter than the check's first steps is checked over all of them
-        self.liveness = LivenessCheck(self.model, steps=max(1, min(5, self.epochs * len(self.loaders.train))))
+        self.liveness = LivenessCheck(self.model, total_steps=self.epochs * len(self.loaders.train))
         self.step = 0
         self.start_epoch = 0
         self.history: list[dict] = []

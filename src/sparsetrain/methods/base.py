@@ -222,6 +222,13 @@ def model_defaults_text() -> str:
     return "\n".join(lines)
 
 
+def ignored_option(key: str, why: str, allowed: str) -> UsageError:
+    """The error for an option given explicitly that this run would not use: ``--key: why;
+    allowed: ALLOWED, or leave --key out``."""
+    flag = "--" + key.replace("_", "-")
+    return UsageError(f"{flag}: {why}; allowed: {allowed}, or leave {flag} out")
+
+
 def get_method(name: str) -> Method:
     return METHODS[choice(name, "--method", sorted(METHODS), "method")]
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..penalties import HALO, PENALIZED, VARIANTS
-from .base import BuildContext, Option, fraction, momentum_option, nonnegative, positive, register, sparsity_option
+from .base import (BuildContext, Option, fraction, ignored_option, momentum_option, nonnegative, positive, register,
+                   sparsity_option)
 from .pruning import GMP, PhaseLR, int_option
 
 import math
 
 import torch
-
 
 
 class HALOStrategy(GMP):
@@ -127,25 +127,22 @@ NO_BUDGET = ("lasso", "mcp", "shared-sq")
 
 def _check_options(o: dict, explicit: set = frozenset()) -> None:
     """Refuse options this run would ignore (given explicitly, they would have no effect)."""
-    def refuse(key: str, why: str, allowed: str) -> None:
-        flag = "--" + key.replace("_", "-")
-        raise UsageError(f"{flag}: {why}; allowed: {allowed}, or leave {flag} out")
-
+    variant = o["halo_variant"]
     for k in GRADUAL_OPTIONS:
         if k in explicit and o["halo_prune"] == "final":
-            refuse(k, "shapes the gradual prune schedule, which --halo-prune final (one prune after --epochs) "
-                   "does not use", "--halo-prune gradual")
+            raise ignored_option(k, "shapes the gradual prune schedule, which --halo-prune final (one prune "
+                                 "after --epochs) does not use", "--halo-prune gradual")
     if "finetune_lr" in explicit and o["finetune_epochs"] == 0:
-        refuse("finetune_lr", "sets the lr of the fine-tuning phase, and --finetune-epochs is 0",
-               "--finetune-epochs >= 1")
+        raise ignored_option("finetune_lr", "sets the lr of the fine-tuning phase, and --finetune-epochs is 0",
+                             "--finetune-epochs >= 1")
     for k in SCALE_OPTIONS:
-        if k in explicit and o["halo_variant"] in ("lasso", "mcp"):
-            refuse(k, f"acts on the trainable HALO scales, which --halo-variant {o['halo_variant']} does not have",
-                   "--halo-variant halo, shared or shared-sq")
+        if k in explicit and variant in ("lasso", "mcp"):
+            raise ignored_option(k, f"acts on the trainable HALO scales, which --halo-variant {variant} does "
+                                 "not have", "--halo-variant halo, shared or shared-sq")
     for k in BUDGET_OPTIONS:
-        if k in explicit and o["halo_variant"] in NO_BUDGET:
-            refuse(k, f"shapes the ψ budget of the scales, which --halo-variant {o['halo_variant']} does not have",
-                   "--halo-variant halo or shared")
+        if k in explicit and variant in NO_BUDGET:
+            raise ignored_option(k, f"shapes the ψ budget of the scales, which --halo-variant {variant} does "
+                                 "not have", "--halo-variant halo or shared")
 
 
 @register("halo", "hierarchical adaptive lasso (HALO): trainable per-weight penalty scales, then a global "

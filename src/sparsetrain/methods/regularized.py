@@ -32,8 +32,8 @@ from ..regularizers import L1, make_regularizer
 from ..controller import DISTRIBUTIONS, BudgetController, SparsityController
 from ..optim import BregmanOptimizer
 from .pruning import distribution_option
-from .base import (BuildContext, Option, Strategy, fraction, momentum_option, nonnegative, positive,
-                   regex_option, register)
+from .base import (BuildContext, Option, Strategy, fraction, ignored_option, momentum_option, nonnegative,
+                   positive, regex_option, register)
 
 
 DEFAULT_SPARSITY = 0.9
@@ -172,9 +172,8 @@ def _check_controller(options: dict, explicit: set = frozenset(), lam_key: str =
     """``--ramp`` / ``--distribution`` shape the λ controller; a fixed λ (no target) has none."""
     given = [k for k in CONTROLLER_OPTIONS if k in explicit]
     if given and _target_sparsity(options, lam_key) is None:
-        flag = "--" + given[0]
-        raise UsageError(f"{flag}: only used with a target sparsity, and this run has a fixed "
-                         f"--{lam_key.replace('_', '-')} and no --sparsity; allowed: add --sparsity, or leave {flag} out")
+        raise ignored_option(given[0], f"only used with a target sparsity, and this run has a fixed "
+                             f"--{lam_key.replace('_', '-')} and no --sparsity", "add --sparsity")
 
 
 INIT_SHAPE_OPTIONS = ("init_scale", "init_bias_scale", "init_distribution")
@@ -185,9 +184,8 @@ def _check_bregman(options: dict, explicit: set = frozenset()) -> None:
     _check_init_density(options, explicit)
     ignored = [k for k in INIT_SHAPE_OPTIONS if k in explicit]
     if options["init_density"] >= 1 and ignored:
-        flag = "--" + ignored[0].replace("_", "-")
-        raise UsageError(f"{flag}: shapes the sparse initialisation, which --init-density 1 (a dense start) "
-                         f"does not use; allowed: an --init-density below 1, or leave {flag} out")
+        raise ignored_option(ignored[0], "shapes the sparse initialisation, which --init-density 1 (a dense "
+                             "start) does not use", "an --init-density below 1")
 
 
 def _check_init_density(options: dict, explicit: set = frozenset()) -> None:
