@@ -4,7 +4,7 @@ Runs ``sparsetrain compare`` for each model of a preset and writes one table (``
 ``conv_nets.json`` under ``--out``): per model, method and target the mean test accuracy, its
 gap to GMP at the same target in the same run, the achieved sparsity, the wall time per run, and
 a flag where a run ended near chance (< 20 % on 10 classes) or more than 1 point off its target
-sparsity. Presets:
+sparsity; it exits 1 when a run failed (diverged, dead) or a cell is flagged, 2 on bad input. Presets:
 
 ``cpu`` (default without CUDA; ≈ 15 min on 2 cores): ResNet-20, the Bregman ConvNet and LeNet-5
     on 2000 Fashion-MNIST training images (1000 test), 3 epochs, batch 32, 90 % sparsity.
@@ -39,7 +39,8 @@ METHODS = "gmp,linbreg,adabreg,halo,xrda"
 
 
 def main() -> int:
-    """Writes the table; returns 1 (the exit code) when a run failed (diverged or dead), else 0."""
+    """Writes the table; returns 1 (the exit code) when a run failed (diverged or dead) or a cell is
+    flagged (at chance, off its target), else 0."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=tuple(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default=METHODS)
@@ -67,7 +68,7 @@ def main() -> int:
              + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
              "", "| model | method | target (%) | test accuracy (%) | Δ vs GMP | sparsity (%) | wall s / run | flag |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    table, failed = [], 0
+    table, failed, flagged = [], 0, []
     for model in models:
         res = compare(args.methods, list(p["sparsities"]), model=model, epochs=p["epochs"], seeds=args.seeds,
                       out=Path(args.out) / model, batch_size=p["batch_size"], data_dir=args.data_dir,
@@ -80,6 +81,8 @@ def main() -> int:
             gap = "" if t not in gmp or c["method"] == "gmp" else f"{100 * (a - gmp[t]):+.2f}"
             flag = ", ".join(f for f, bad in (("chance", a < 0.2),
                                               ("off target", abs(c["sparsity_mean"] - t) > 0.01)) if bad)
+            if flag:
+                flagged.append(f"{model} {c['method']} {100 * t:g} % ({flag})")
             lines.append(f"| {model} | {c['method']} | {100 * t:g} | {100 * a:.2f} | {gap} | "
                          f"{100 * c['sparsity_mean']:.2f} | {c.get('wall_seconds_mean') or float('nan'):.1f} | {flag} |")
             table.append({"model": model, **{k: v for k, v in c.items() if not isinstance(v, (list, dict))}})
@@ -95,7 +98,9 @@ def main() -> int:
     print("\n".join(lines))
     if failed:
         print(f"conv_nets: error: {failed} run(s) failed (see the table)", file=sys.stderr)
-    return 1 if failed else 0
+    if flagged:
+        print(f"conv_nets: error: {len(flagged)} cell(s) flagged: {'; '.join(flagged)}", file=sys.stderr)
+    return 1 if failed or flagged else 0
 
 
 def cli() -> int:

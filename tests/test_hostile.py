@@ -404,6 +404,14 @@ def test_a_native_library_writable_by_others_is_rebuilt_not_refused(tmp_path, mo
                                           (["--models", "lenet5", "--sparsity", "1.5"], "--sparsity")])
 def test_conv_nets_benchmark_bad_input_is_one_line(argv, needle, tmp_path, monkeypatch, capsys):
     """benchmarks/conv_nets.py ended in a UsageError traceback (e.g. an --out another run holds)."""
+    bench = _conv_nets_benchmark(monkeypatch, tmp_path, argv)
+    assert bench.cli() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("conv_nets: error: ") and needle in err and "\n" not in err
+
+
+def _conv_nets_benchmark(monkeypatch, tmp_path, argv):
+    """benchmarks/conv_nets.py as a module, with ``argv`` (the sweep preset into ``tmp_path``)."""
     import importlib.util
     import sys
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "conv_nets.py"
@@ -411,6 +419,17 @@ def test_conv_nets_benchmark_bad_input_is_one_line(argv, needle, tmp_path, monke
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setattr(sys, "argv", ["conv_nets.py", "--preset", "sweep", "--out", str(tmp_path), *argv])
-    assert bench.cli() == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("conv_nets: error: ") and needle in err and "\n" not in err
+    return bench
+
+
+@pytest.mark.parametrize("accuracy, sparsity, code", [(0.85, 0.9, 0), (0.11, 0.9, 1), (0.85, 0.87, 1)])
+def test_conv_nets_benchmark_fails_on_a_flagged_cell(accuracy, sparsity, code, tmp_path, monkeypatch, capsys):
+    """A cell at chance or off its target was flagged in the table, and the benchmark still exited 0."""
+    bench = _conv_nets_benchmark(monkeypatch, tmp_path, ["--models", "lenet5", "--sparsity", "0.9"])
+    cell = dict(reference=False, target=0.9, test_accuracy_mean=0.86, sparsity_mean=0.9, wall_seconds_mean=1.0)
+    cells = [{**cell, "method": "gmp"}, {**cell, "method": "halo", "test_accuracy_mean": accuracy,
+                                         "sparsity_mean": sparsity}]
+    monkeypatch.setattr(bench, "compare", lambda *a, **k: {"aggregates": cells, "failed": []})
+    assert bench.cli() == code
+    err = capsys.readouterr().err
+    assert ("cell(s) flagged: lenet5 halo 90 %" in err) == (code == 1)
