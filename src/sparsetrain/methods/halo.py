@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..penalties import HALO, PENALIZED, VARIANTS
-from .base import (BuildContext, Option, fraction, ignored_option, momentum_option, nonnegative, positive, register,
+from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, fraction, ignored_option, momentum_option, nonnegative, positive, register,
                    sparsity_option)
 from .pruning import GMP, PhaseLR, int_option
 
@@ -172,7 +172,7 @@ def _check_options(o: dict, explicit: set = frozenset()) -> None:
                    fraction("prune_end", 0.6, "fraction of training at which the target sparsity is "
                             "reached (gmp, halo)"),
                    int_option("prune_every", 50, "steps between mask updates (gmp, halo)", 1),
-                   momentum_option(0.9)), check=_check_options)
+                   momentum_option(0.9)), check=_check_options, model_defaults=SGD_MODEL_DEFAULTS)
 def build(model, ctx: BuildContext):
     o = ctx.options
     try:

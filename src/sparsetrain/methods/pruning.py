@@ -46,7 +46,7 @@ import torch
 from ..errors import UsageError
 from ..nm import keep_per_block, nm_mask, parse_pattern
 from ..pruning import Mask, cosine_decay, gmp_sparsity, magnitude_masks, random_masks, rigl_update
-from .base import (BuildContext, Option, Strategy, fraction, momentum_option, positive, register,
+from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, Strategy, fraction, momentum_option, positive, register,
                    sparsity_option)
 
 DISTRIBUTION_HELP = ("how --sparsity is spread over layers: global (one magnitude threshold, or one λ for all "
@@ -211,7 +211,7 @@ PRUNE_DISTRIBUTION = distribution_option("global", ("global", "uniform", "erk"))
 @register("magnitude", "train dense, prune once by magnitude (--prune-at), fine-tune with the mask fixed",
           lr=0.1, options=(sparsity_option(), fraction("prune_at", 0.5, "fraction of --epochs trained dense before the "
                                                         "one-shot prune (magnitude)"),
-                           PRUNE_DISTRIBUTION, momentum_option(0.9)))
+                           PRUNE_DISTRIBUTION, momentum_option(0.9)), model_defaults=SGD_MODEL_DEFAULTS)
 def build_magnitude(model, ctx: BuildContext) -> Strategy:
     o = ctx.options
     prune_epoch = int(o["prune_at"] * ctx.cfg.epochs)
@@ -261,7 +261,7 @@ class GMP(MaskedStrategy):
                            fraction("prune_end", 0.5, "fraction of training at which the target sparsity is "
                                                       "reached (gmp)"),
                            int_option("prune_every", 50, "steps between mask updates (gmp)", 1),
-                           PRUNE_DISTRIBUTION, momentum_option(0.9)))
+                           PRUNE_DISTRIBUTION, momentum_option(0.9)), model_defaults=SGD_MODEL_DEFAULTS)
 def build_gmp(model, ctx: BuildContext) -> Strategy:
     o = ctx.options
     if o["prune_end"] < o["prune_start"]:
@@ -348,7 +348,7 @@ class IMP(MaskedStrategy):
                                                  "--sparsity (imp)", 2, MAX_LEVELS),
                    int_option("rewind_step", -1, "optimizer step whose weights IMP rewinds to (imp; "
                                                  "-1: the end of the first epoch; 0: the initialisation)", -1),
-                   PRUNE_DISTRIBUTION, momentum_option(0.9)))
+                   PRUNE_DISTRIBUTION, momentum_option(0.9)), model_defaults=SGD_MODEL_DEFAULTS)
 def build_imp(model, ctx: BuildContext) -> Strategy:
     o = ctx.options
     rewind = ctx.steps_per_epoch if o["rewind_step"] == -1 else o["rewind_step"]
@@ -404,7 +404,7 @@ class RigL(MaskedStrategy):
                                   "(rigl)", "in (0, 1]", lambda v: 0 < v <= 1),
                            fraction("update_end", 0.75, "fraction of training after which RigL stops updating "
                                                         "the mask (rigl)", "in (0, 1]", lambda v: 0 < v <= 1),
-                           momentum_option(0.9)))
+                           momentum_option(0.9)), model_defaults=SGD_MODEL_DEFAULTS)
 def build_rigl(model, ctx: BuildContext) -> Strategy:
     o = ctx.options
     return RigL(model, sgd(model, ctx, o["momentum"]), ctx, o["sparsity"], o["distribution"], o["dense_first"],

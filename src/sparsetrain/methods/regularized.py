@@ -32,7 +32,7 @@ from ..regularizers import L1, make_regularizer
 from ..controller import DISTRIBUTIONS, BudgetController, SparsityController
 from ..optim import BregmanOptimizer
 from .pruning import distribution_option
-from .base import (BuildContext, Option, Strategy, fraction, ignored_option, momentum_option, nonnegative,
+from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, Strategy, fraction, ignored_option, momentum_option, nonnegative,
                    positive, regex_option, register)
 
 
@@ -212,7 +212,7 @@ def _sparse_init(model, ctx: BuildContext) -> None:
 
 @register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", lr=0.1,
           options=REG_OPTIONS + (momentum_option(0.9), distribution_option("global", DISTRIBUTIONS)),
-          check=_check_controller)
+          check=_check_controller, model_defaults=SGD_MODEL_DEFAULTS)
 def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
                         weight_decay=ctx.cfg.weight_decay)
@@ -292,7 +292,7 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
-          ), check=lambda options, explicit: _check_controller(options, explicit, "c"))
+          ), check=lambda options, explicit: _check_controller(options, explicit, "c"), model_defaults=SGD_MODEL_DEFAULTS)
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
