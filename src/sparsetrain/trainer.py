@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import numbers
@@ -239,6 +240,34 @@ def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device, preci
         n += len(y)
     model.train(was)
     return loss / max(n, 1), correct / max(n, 1)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, batches: int, precision: str = "fp32",
+                          channels_last: bool = False) -> bool:
+    """Re-estimate every BatchNorm's running mean and variance as the plain average over the first
+    ``batches`` batches of ``loader`` (train-mode forward passes, no gradient, weights untouched).
+    Returns whether there was anything to do. During training the statistics are an EMA (momentum
+    0.1, ≈ the last 10 steps); where a λ controller rescales every weight from step to step
+    (xRDA's w = S_λT(z)) they lag the weights, and the lag compounds over stacked BatchNorm layers
+    (xRDA on ResNet-20 at 98 %: 42.7 % evaluated with them, 67.6 % recalibrated)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches <= 0:
+        return False
+    momenta, was_training = [m.momentum for m in norms], model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                    # a cumulative average over the batches
+    model.train()
+    try:
+        for x, _ in itertools.islice(iter(loader), batches):
+            with autocast(device, precision):
+                model(to_input(x, device, channels_last))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return True
 
 
 def _progress(iterable, total, desc, enabled):
@@ -509,6 +538,8 @@ class Trainer:
             t0 = time.perf_counter()
             lr = self.strategy.optimizer.param_groups[0]["lr"]
             train_loss = self.train_epoch(epoch)
+            recalibrate_batchnorm(self.model, self.loaders.train, self.device, self.strategy.bn_recalibration,
+                                  self.cfg.precision, self.channels_last)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_seconds = time.perf_counter() - t0

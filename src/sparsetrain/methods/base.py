@@ -122,9 +122,12 @@ class Strategy:
     """Default hooks of a method: plain optimizer steps, nothing else.
 
     ``schedules_lr = True`` tells the trainer that the optimizer follows its own step-size
-    schedule (xRDA), so the trainer's learning-rate schedule stays constant."""
+    schedule (xRDA), so the trainer's learning-rate schedule stays constant. ``bn_recalibration
+    = N > 0``: after every epoch the trainer re-estimates the BatchNorm statistics over N training
+    batches (:func:`sparsetrain.trainer.recalibrate_batchnorm`)."""
 
     schedules_lr = False
+    bn_recalibration = 0
     saved: tuple[str, ...] = ()      # plain attributes that state_dict() checkpoints and load_state_dict() restores
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
