@@ -16,8 +16,9 @@ both from a 0.2 % sparse initialisation spread by Erdős–Rényi-kernel with a 
 per unit, with one λ per layer on an ERK budget (``--distribution erk``); per built-in model
 (``model_defaults``, listed by ``train --help``): a 1 % start on the LeNets, LinBreg lr 0.4 and one
 global λ on LeNet-5, 0.1 on the ConvNet, 1 on the ResNets and VGG-16. xRDA s₀ = 1,
-τ = τ_b = 9.5, M = 500 (the paper's values), λ starting at 1e-8 under a target, one global λ.
-"""
+τ = τ_b = 9.5, M = 500 (the paper's values; s₀ 0.2 on VGG-16), λ starting at 1e-8 under a target, one
+global λ, BatchNorm statistics re-estimated after every epoch (``--bn-recalibrate``). The SGD-based
+methods take lr 0.02 on VGG-16 (``SGD_MODEL_DEFAULTS``)."""
 from __future__ import annotations
 
 import math
