@@ -105,7 +105,8 @@ def test_sgd_methods_default_lr_does_not_diverge_on_vgg16(idx_dir, tmp_path):
                                 test_subset=32, batch_size=32, progress=False, out=str(tmp_path / "v"))
     first = json.loads((tmp_path / "v" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train_loss"] < math.log(10) + 0.5, first
-    assert summary["options"] == {"momentum": 0.9} and json.loads((tmp_path / "v" / "config.json").read_text())["lr"] == 0.02
+    assert summary["options"] == {"momentum": 0.9}
+    assert json.loads((tmp_path / "v" / "config.json").read_text())["lr"] == 0.02
 
 
 def _linbreg_mlp(density=0.05, distribution="global"):
@@ -180,8 +181,9 @@ def test_xrda_per_layer_budget(idx_dir, tmp_path):
 
 
 def _bn_net():
-    return nn.Sequential(nn.Conv2d(1, 8, 3, 2, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, bias=False),
-                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    return nn.Sequential(nn.Conv2d(1, 8, 3, 2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, 2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
 
 
 @pytest.mark.parametrize("batches", [0, 3])

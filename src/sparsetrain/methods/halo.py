@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..penalties import HALO, PENALIZED, VARIANTS
-from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, fraction, ignored_option, momentum_option, nonnegative, positive, register,
-                   sparsity_option)
+from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, fraction, ignored_option, momentum_option, nonnegative,
+                   positive, register, sparsity_option)
 from .pruning import GMP, PhaseLR, int_option
 
 import math

@@ -46,8 +46,8 @@ import torch
 from ..errors import UsageError
 from ..nm import keep_per_block, nm_mask, parse_pattern
 from ..pruning import Mask, cosine_decay, gmp_sparsity, magnitude_masks, random_masks, rigl_update
-from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, Strategy, fraction, momentum_option, positive, register,
-                   sparsity_option)
+from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, Strategy, fraction, momentum_option, positive,
+                   register, sparsity_option)
 
 DISTRIBUTION_HELP = ("how --sparsity is spread over layers: global (one magnitude threshold, or one λ for all "
                      "layers), uniform (the same sparsity in every layer), erk (Erdős–Rényi-kernel layer "

@@ -33,8 +33,8 @@ from ..regularizers import L1, make_regularizer
 from ..controller import DISTRIBUTIONS, BudgetController, SparsityController
 from ..optim import BregmanOptimizer
 from .pruning import distribution_option, int_option
-from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, Strategy, fraction, ignored_option, momentum_option, nonnegative,
-                   positive, regex_option, register)
+from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, Strategy, fraction, ignored_option, momentum_option,
+                   nonnegative, positive, regex_option, register)
 
 
 DEFAULT_SPARSITY = 0.9
