@@ -197,7 +197,6 @@ def test_xrda_recalibrates_batchnorm_after_every_epoch(batches, idx_dir, tmp_pat
                       progress=False, bn_recalibrate=batches, out=str(tmp_path / "x"))
     trained = model.state_dict()
     batch_means = []
-    first_bn = nn.Sequential(*list(model)[:2]).train()
     loader = sparsetrain.data.make_loaders("fashion-mnist", data_dir=str(idx_dir), batch_size=32, seed=0).train
     loader.set_epoch(1)
     with torch.no_grad():
