@@ -270,7 +270,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
 XRDA_MODEL_DEFAULTS = {"vgg16": {"lr": 0.2}}
 
 
-@register("xrda", "extended RDA with adaptively reweighted ℓ1 (Siegel et al.)", lr=1.0, model_defaults=XRDA_MODEL_DEFAULTS,
+@register("xrda", "extended RDA with adaptively reweighted ℓ1 (Siegel et al.)", lr=1.0,
           options=(
               nonnegative("lam", None, "regularization strength λ (fixed unless --sparsity is given)"),
               Option("mode", str, "normal", "reweighting groups", choices=("normal", "kernel", "channel")),
@@ -284,7 +284,7 @@ XRDA_MODEL_DEFAULTS = {"vgg16": {"lr": 0.2}}
               distribution_option("global", DISTRIBUTIONS),
               int_option("bn_recalibrate", 10, "training batches over which BatchNorm running statistics are "
                          "re-estimated after every epoch (0 = off; a model without BatchNorm has none)"),
-          ), check=_check_controller)
+          ), check=_check_controller, model_defaults=XRDA_MODEL_DEFAULTS)
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
     reg = L1(o["lam"]) if o["distribution"] == "global" else (lambda *_: L1(o["lam"]))
