@@ -251,8 +251,10 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, batche
     0.1, ≈ the last 10 steps); where a λ controller rescales every weight from step to step
     (xRDA's w = S_λT(z)) they lag the weights, and the lag compounds over stacked BatchNorm layers
     (xRDA on ResNet-20 at 98 %: 42.7 % evaluated with them, 67.6 % recalibrated)."""
+    if batches <= 0:
+        return False
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms or batches <= 0:
+    if not norms:
         return False
     momenta, was_training = [m.momentum for m in norms], model.training
     for m in norms:

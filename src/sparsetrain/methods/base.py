@@ -201,12 +201,13 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 
-# The methods that train with SGD + momentum at lr 0.1 (dense, the pruning baselines, HALO, ProxSGD,
-# gRDA) diverge on VGG-16-bn in their first steps: dense on Fashion-MNIST ends its first epoch at a
-# loss of 4.39 (batch 32) / 4.14 (batch 128), above the ln 10 = 2.30 of a uniform guess, and stays at
-# chance (13.4 % at the quick budget: 2000 images, 3 epochs). At lr 0.02 (same budget, 98 % for the
+# The learning rate of every method that trains with SGD + momentum (dense, the pruning baselines,
+# HALO, ProxSGD, gRDA): ``@register(..., **SGD_LR)``. lr 0.1, except on VGG-16-bn, where it diverged
+# in the first steps: dense on Fashion-MNIST ends its first epoch at a loss of 4.39 (batch 32) / 4.14
+# (batch 128), above the ln 10 = 2.30 of a uniform guess, and stays at chance (13.4 % at the quick
+# budget: 2000 images, 3 epochs). At lr 0.02 (same budget, 98 % for the
 # sparse ones): dense 50.9 %, GMP 66.5 % (13.5 % at 0.1), HALO 52.6 % (12.8 %).
-SGD_MODEL_DEFAULTS = {"vgg16": {"lr": 0.02}}
+SGD_LR = {"lr": 0.1, "model_defaults": {"vgg16": {"lr": 0.02}}}
 
 
 def register(name: str, help: str, lr: float = 0.1, options: tuple[Option, ...] = (), check=None,

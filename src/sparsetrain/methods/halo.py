@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from ..penalties import HALO, PENALIZED, VARIANTS
-from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, fraction, ignored_option, momentum_option, nonnegative,
+from .base import (SGD_LR, BuildContext, Option, fraction, ignored_option, momentum_option, nonnegative,
                    positive, register, sparsity_option)
 from .pruning import GMP, PhaseLR, int_option
 
@@ -146,7 +146,7 @@ def _check_options(o: dict, explicit: set = frozenset()) -> None:
 
 
 @register("halo", "hierarchical adaptive lasso (HALO): trainable per-weight penalty scales, then a global "
-          "magnitude prune to --sparsity", lr=0.1,
+          "magnitude prune to --sparsity", **SGD_LR,
           options=(sparsity_option(),
                    positive("xi", 3e-6, "HALO ξ: weight of Σ|w|/λ² (halo; mcp variant: the MCP λ)"),
                    positive("psi", 1e-4, "HALO ψ: weight of the scale budget |Σ|λ| − P| (halo; mcp: γ)"),
@@ -172,7 +172,7 @@ def _check_options(o: dict, explicit: set = frozenset()) -> None:
                    fraction("prune_end", 0.6, "fraction of training at which the target sparsity is "
                             "reached (gmp, halo)"),
                    int_option("prune_every", 50, "steps between mask updates (gmp, halo)", 1),
-                   momentum_option(0.9)), check=_check_options, model_defaults=SGD_MODEL_DEFAULTS)
+                   momentum_option(0.9)), check=_check_options)
 def build(model, ctx: BuildContext):
     o = ctx.options
     try:

@@ -46,7 +46,7 @@ import torch
 from ..errors import UsageError
 from ..nm import keep_per_block, nm_mask, parse_pattern
 from ..pruning import Mask, cosine_decay, gmp_sparsity, magnitude_masks, random_masks, rigl_update
-from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, Strategy, fraction, momentum_option, positive,
+from .base import (SGD_LR, BuildContext, Option, Strategy, fraction, momentum_option, positive,
                    register, sparsity_option)
 
 DISTRIBUTION_HELP = ("how --sparsity is spread over layers: global (one magnitude threshold, or one λ for all "
@@ -209,9 +209,9 @@ PRUNE_DISTRIBUTION = distribution_option("global", ("global", "uniform", "erk"))
 
 
 @register("magnitude", "train dense, prune once by magnitude (--prune-at), fine-tune with the mask fixed",
-          lr=0.1, options=(sparsity_option(), fraction("prune_at", 0.5, "fraction of --epochs trained dense before the "
+          **SGD_LR, options=(sparsity_option(), fraction("prune_at", 0.5, "fraction of --epochs trained dense before the "
                                                         "one-shot prune (magnitude)"),
-                           PRUNE_DISTRIBUTION, momentum_option(0.9)), model_defaults=SGD_MODEL_DEFAULTS)
+                           PRUNE_DISTRIBUTION, momentum_option(0.9)))
 def build_magnitude(model, ctx: BuildContext) -> Strategy:
     o = ctx.options
     prune_epoch = int(o["prune_at"] * ctx.cfg.epochs)
@@ -256,12 +256,12 @@ class GMP(MaskedStrategy):
 
 
 @register("gmp", "gradual magnitude pruning (Zhu & Gupta): cubic sparsity schedule to --sparsity",
-          lr=0.1, options=(sparsity_option(), fraction("initial_sparsity", 0.0, "sparsity s_i when GMP starts (gmp)"),
+          **SGD_LR, options=(sparsity_option(), fraction("initial_sparsity", 0.0, "sparsity s_i when GMP starts (gmp)"),
                            fraction("prune_start", 0.1, "fraction of training at which pruning starts (gmp)"),
                            fraction("prune_end", 0.5, "fraction of training at which the target sparsity is "
                                                       "reached (gmp)"),
                            int_option("prune_every", 50, "steps between mask updates (gmp)", 1),
-                           PRUNE_DISTRIBUTION, momentum_option(0.9)), model_defaults=SGD_MODEL_DEFAULTS)
+                           PRUNE_DISTRIBUTION, momentum_option(0.9)))
 def build_gmp(model, ctx: BuildContext) -> Strategy:
     o = ctx.options
     if o["prune_end"] < o["prune_start"]:
@@ -343,12 +343,12 @@ class IMP(MaskedStrategy):
 
 
 @register("imp", "iterative magnitude pruning with weight rewinding (lottery ticket); runs --levels × --epochs "
-          "epochs", lr=0.1,
+          "epochs", **SGD_LR,
           options=(sparsity_option(), int_option("levels", 5, "IMP rounds of --epochs each; the last trains at "
                                                  "--sparsity (imp)", 2, MAX_LEVELS),
                    int_option("rewind_step", -1, "optimizer step whose weights IMP rewinds to (imp; "
                                                  "-1: the end of the first epoch; 0: the initialisation)", -1),
-                   PRUNE_DISTRIBUTION, momentum_option(0.9)), model_defaults=SGD_MODEL_DEFAULTS)
+                   PRUNE_DISTRIBUTION, momentum_option(0.9)))
 def build_imp(model, ctx: BuildContext) -> Strategy:
     o = ctx.options
     rewind = ctx.steps_per_epoch if o["rewind_step"] == -1 else o["rewind_step"]
@@ -396,7 +396,7 @@ class RigL(MaskedStrategy):
 
 
 @register("rigl", "RigL dynamic sparse training at fixed sparsity (drop by magnitude, grow by gradient)",
-          lr=0.1, options=(sparsity_option(), distribution_option("erk", ("erk", "uniform")),
+          **SGD_LR, options=(sparsity_option(), distribution_option("erk", ("erk", "uniform")),
                            Option("dense_first", bool, False, "keep the first layer dense (rigl; the paper's "
                                   "uniform convention)"),
                            int_option("update_every", 100, "steps between RigL mask updates ΔT (rigl)", 1),
@@ -404,7 +404,7 @@ class RigL(MaskedStrategy):
                                   "(rigl)", "in (0, 1]", lambda v: 0 < v <= 1),
                            fraction("update_end", 0.75, "fraction of training after which RigL stops updating "
                                                         "the mask (rigl)", "in (0, 1]", lambda v: 0 < v <= 1),
-                           momentum_option(0.9)), model_defaults=SGD_MODEL_DEFAULTS)
+                           momentum_option(0.9)))
 def build_rigl(model, ctx: BuildContext) -> Strategy:
     o = ctx.options
     return RigL(model, sgd(model, ctx, o["momentum"]), ctx, o["sparsity"], o["distribution"], o["dense_first"],

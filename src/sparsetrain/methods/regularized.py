@@ -18,7 +18,7 @@ per unit, with one λ per layer on an ERK budget (``--distribution erk``); per b
 global λ on LeNet-5, 0.1 on the ConvNet, 1 on the ResNets and VGG-16. xRDA s₀ = 1,
 τ = τ_b = 9.5, M = 500 (the paper's values; s₀ 0.2 on VGG-16), λ starting at 1e-8 under a target, one
 global λ, BatchNorm statistics re-estimated after every epoch (``--bn-recalibrate``). The SGD-based
-methods take lr 0.02 on VGG-16 (``SGD_MODEL_DEFAULTS``)."""
+methods take lr 0.02 on VGG-16 (``SGD_LR``)."""
 from __future__ import annotations
 
 import math
@@ -33,7 +33,7 @@ from ..regularizers import L1, make_regularizer
 from ..controller import DISTRIBUTIONS, BudgetController, SparsityController
 from ..optim import BregmanOptimizer
 from .pruning import distribution_option, int_option
-from .base import (SGD_MODEL_DEFAULTS, BuildContext, Option, Strategy, fraction, ignored_option, momentum_option,
+from .base import (SGD_LR, BuildContext, Option, Strategy, fraction, ignored_option, momentum_option,
                    nonnegative, positive, regex_option, register)
 
 
@@ -66,9 +66,9 @@ def _target(options: dict, lam_key: str = "lam", start: float = DEFAULT_LAM) -> 
 class Regularized(Strategy):
     """A regularized optimizer, with λ steered to ``--sparsity`` when one is requested."""
 
-    def __init__(self, model, optimizer, ctx: BuildContext, schedules_lr: bool = False):
+    def __init__(self, model, optimizer, ctx: BuildContext, schedules_lr: bool = False, bn_recalibration: int = 0):
         super().__init__(model, optimizer)
-        self.schedules_lr = schedules_lr
+        self.schedules_lr, self.bn_recalibration = schedules_lr, bn_recalibration
         target = ctx.options.get("sparsity")
         bregman = isinstance(optimizer, BregmanOptimizer)
         if target is not None and bregman and not BudgetController.supports(optimizer):
@@ -211,9 +211,9 @@ def _sparse_init(model, ctx: BuildContext) -> None:
                      allocation=o["init_distribution"], bias_scale=o["init_bias_scale"])
 
 
-@register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", lr=0.1,
+@register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", **SGD_LR,
           options=REG_OPTIONS + (momentum_option(0.9), distribution_option("global", DISTRIBUTIONS)),
-          check=_check_controller, model_defaults=SGD_MODEL_DEFAULTS)
+          check=_check_controller)
 def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
                         weight_decay=ctx.cfg.weight_decay)
@@ -293,18 +293,17 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
                      tau_b=o["tau_b"], schedule=o["averaging"], mode=o["mode"],
                      total_steps=ctx.total_steps, weight_decay=ctx.cfg.weight_decay,
                      milestones=[int(m * ctx.total_steps) for m in ctx.cfg.milestones])
-    strategy = Regularized(model, opt, ctx, schedules_lr=True)   # s_k, α_k follow XRDA's own schedule
-    strategy.bn_recalibration = o["bn_recalibrate"]
-    return strategy
+    # s_k, α_k follow XRDA's own schedule
+    return Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=o["bn_recalibrate"])
 
 
-@register("grda", "generalized RDA (Chao et al., directional pruning)", lr=0.1,
+@register("grda", "generalized RDA (Chao et al., directional pruning)", **SGD_LR,
           options=(
               positive("c", None, "threshold constant c (fixed unless --sparsity is given)"),
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
-          ), check=lambda options, explicit: _check_controller(options, explicit, "c"), model_defaults=SGD_MODEL_DEFAULTS)
+          ), check=lambda options, explicit: _check_controller(options, explicit, "c"))
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
