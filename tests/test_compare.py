@@ -155,6 +155,24 @@ def test_other_settings_into_the_same_out_are_refused(done, tmp_path, capsys, id
     assert sorted(p.name for p in (out / "runs").iterdir()) == before
 
 
+def test_a_run_from_before_an_option_existed_is_not_reused(done, tmp_path, capsys, idx_dir):
+    """A run whose config.json lacks an option (added to sparsetrain after it ran) trained without
+    it: reusing it would put an old method's number into the table."""
+    src, _, _ = done
+    out = tmp_path / "cmp"
+    shutil.copytree(src, out)
+    config = out / "runs" / "gmp-s0.9-seed0" / "config.json"
+    old = json.loads(config.read_text())
+    del old["options"]["momentum"]
+    config.write_text(json.dumps(old))
+    rc = main(["compare", "--methods", "dense,gmp", "--sparsity", "0.9", "--seeds", "1", "--epochs", "3",
+               "--batch-size", "16", "--train-subset", "600", "--test-subset", "100", "--data-dir", str(idx_dir),
+               "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "gmp-s0.9-seed0 holds a run from a sparsetrain without --momentum" in err[0] and "another --out" in err[0]
+
+
 def test_report_rerenders_without_training(done, tmp_path, monkeypatch, capsys):
     src, _, _ = done
     out = tmp_path / "cmp"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import sparsetrain
 from sparsetrain.cli import main
 from sparsetrain.controller import BudgetController, SparsityController
+from sparsetrain.errors import UsageError
 from sparsetrain.init import layer_init_densities, sparse_init_
 from sparsetrain.liveness import DeadNetworkError
 from sparsetrain.models import MODELS, build_model
@@ -205,6 +206,21 @@ def test_xrda_recalibrates_batchnorm_after_every_epoch(batches, idx_dir, tmp_pat
     recomputed = torch.stack(batch_means).mean(0)
     assert torch.allclose(trained["1.running_mean"], recomputed, atol=1e-5) == (batches == 3)
     assert int(trained["1.num_batches_tracked"]) == (3 if batches else 2 * len(loader))
+
+
+def test_bn_recalibrate_is_filled_in_per_model_and_refused_where_nothing_has_batchnorm(idx_dir, tmp_path):
+    """The default is 10 batches on a model with BatchNorm and 0 on one without (config.json says
+    which); an explicit count on a model without BatchNorm would do nothing, so it is refused."""
+    small = dict(data_dir=str(idx_dir), epochs=1, batch_size=32, train_subset=64, test_subset=32, progress=False)
+    for model, expected in ((_bn_net(), 10), (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), 0)):
+        out = tmp_path / f"bn{expected}"
+        sparsetrain.train(model=model, method="xrda", sparsity=0.5, out=str(out), **small)
+        assert json.loads((out / "config.json").read_text())["options"]["bn_recalibrate"] == expected
+    rc = main(["train", "--method", "xrda", "--model", "lenet5", "--bn-recalibrate", "5", "--data-dir", str(idx_dir),
+               "--epochs", "1", "--no-progress"])
+    assert rc == 2
+    with pytest.raises(UsageError, match=r"^--bn-recalibrate: .*model lenet5 has no BatchNorm .*allowed: 0, or leave"):
+        sparsetrain.train(model="lenet5", method="xrda", bn_recalibrate=5, **small)
 
 
 def test_halo_reaches_its_target_without_a_cliff(idx_dir, tmp_path):

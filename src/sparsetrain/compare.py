@@ -53,6 +53,7 @@ PER_METHOD_FIELDS = {"lr": float, "weight_decay": float, "schedule": str}
 # settings a finished/started run directory must share with the command to be reused
 _SAME = ("method", "model", "data", "epochs", "batch_size", "lr", "weight_decay", "schedule", "seed",
          "train_subset", "test_subset", "options")
+_ABSENT = object()      # an option a run's config.json does not have (the run predates it)
 _STANDARD = {"method", "model", "data", "epochs", "test_accuracy", "test_loss", "sparsity", "density",
              "compression_ratio", "weights", "nonzeros", "per_layer", "flops", "wall_seconds", "options",
              "epoch_seconds", "precision"}
@@ -202,13 +203,18 @@ def _check_same(run_dir: Path, expected: dict) -> None:
         if key not in old:
             continue
         if key == "options" and isinstance(old[key], dict):
-            # an option left None is filled in by the method when it builds (e.g. a starting λ)
-            diffs += [(k, old[key][k], v) for k, v in expected[key].items()
-                      if v is not None and k in old[key] and old[key][k] != v]
+            # an option left None is filled in by the method when it builds (e.g. a starting λ); one
+            # the run's config lacks is newer than the run, which trained without it
+            diffs += [(k, old[key].get(k, _ABSENT), v) for k, v in expected[key].items()
+                      if v is not None and old[key].get(k, _ABSENT) != v]
         elif old[key] != expected[key]:
             diffs.append((key, old[key], expected[key]))
     if diffs:
         key, was, now = diffs[0]
+        if was is _ABSENT:
+            raise UsageError(f"--out: {run_dir} holds a run from a sparsetrain without --{key.replace('_', '-')} "
+                             f"(this compare trains with {key}={json.dumps(now)}); allowed: another --out, or "
+                             f"delete the run to train it again")
         raise UsageError(f"--out: {run_dir} holds a run with {key}={json.dumps(was)}, this compare asks for "
                          f"{json.dumps(now)}; allowed: the same settings, or another --out")
 

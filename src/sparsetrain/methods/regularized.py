@@ -268,6 +268,7 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
 # with M = 1 or 10) the λ controller's climb left no unit alive (final training loss 2.2, chance);
 # 0.2 reached 67.6 % (GMP 66.5 %) with the BatchNorm recalibration.
 XRDA_MODEL_DEFAULTS = {"vgg16": {"lr": 0.2}}
+BN_RECALIBRATION = 10    # batches, after every epoch (``--bn-recalibrate``)
 
 
 @register("xrda", "extended RDA with adaptively reweighted ℓ1 (Siegel et al.)", lr=1.0,
@@ -282,8 +283,9 @@ XRDA_MODEL_DEFAULTS = {"vgg16": {"lr": 0.2}}
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
               distribution_option("global", DISTRIBUTIONS),
-              int_option("bn_recalibrate", 10, "training batches over which BatchNorm running statistics are "
-                         "re-estimated after every epoch (0 = off; a model without BatchNorm has none)"),
+              int_option("bn_recalibrate", None, "training batches over which BatchNorm running statistics are "
+                         f"re-estimated after every epoch (default {BN_RECALIBRATION} on a model with BatchNorm; "
+                         "0 = off)"),
           ), check=_check_controller, model_defaults=XRDA_MODEL_DEFAULTS)
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
@@ -294,7 +296,20 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
                      total_steps=ctx.total_steps, weight_decay=ctx.cfg.weight_decay,
                      milestones=[int(m * ctx.total_steps) for m in ctx.cfg.milestones])
     # s_k, α_k follow XRDA's own schedule
-    return Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=o["bn_recalibrate"])
+    return Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=_bn_recalibration(model, ctx))
+
+
+def _bn_recalibration(model, ctx: BuildContext) -> int:
+    """``--bn-recalibrate``, filled in (config.json records it): BN_RECALIBRATION batches on a model
+    with BatchNorm, 0 on one without, where an explicit count would do nothing and is refused."""
+    from ..trainer import batchnorm_layers             # lazy: the trainer imports the methods
+    options = ctx.options
+    given, has_norms = options["bn_recalibrate"], bool(batchnorm_layers(model))
+    if given and not has_norms:
+        raise ignored_option("bn_recalibrate", f"re-estimates BatchNorm statistics, and model {ctx.cfg.model} "
+                             f"has no BatchNorm layer that keeps running statistics", "0")
+    options["bn_recalibrate"] = (BN_RECALIBRATION if has_norms else 0) if given is None else given
+    return options["bn_recalibrate"]
 
 
 @register("grda", "generalized RDA (Chao et al., directional pruning)", **SGD_LR,
