@@ -240,6 +240,14 @@ def test_bn_recalibrate_is_filled_in_per_model_and_refused_where_nothing_has_bat
     assert rc == 2
     with pytest.raises(UsageError, match=r"^--bn-recalibrate: .*model lenet5 has no BatchNorm .*allowed: 0, or leave"):
         sparsetrain.train(model="lenet5", method="xrda", bn_recalibrate=5, **small)
+    with pytest.raises(UsageError, match=r"^--bn-recalibrate: .*model torch.nn.modules.container:Sequential has no BatchNorm"):
+        sparsetrain.train(model=nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), method="xrda", bn_recalibrate=5,
+                          **small)
+    out = tmp_path / "cmp"                   # compare refuses it before it trains anything
+    rc = main(["compare", "--methods", "gmp,xrda", "--model", "lenet300", "--sparsity", "0.9", "--seeds", "1",
+               "--epochs", "1", "--train-subset", "64", "--data-dir", str(idx_dir), "--set", "xrda.bn_recalibrate=5",
+               "--out", str(out)])
+    assert rc == 2 and not (out / "runs").exists()
 
 
 def test_halo_reaches_its_target_without_a_cliff(idx_dir, tmp_path):

@@ -122,6 +122,17 @@ def build_model(name: str, in_shape: tuple[int, int, int] = (1, 28, 28), num_cla
     return MODELS[choice(name, "--model", MODELS, "model")](tuple(in_shape), num_classes)
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``model`` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def has_batchnorm(name: str) -> bool:
+    """Whether built-in model ``name`` has BatchNorm layers (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return bool(batchnorm_layers(build_model(name)))
+
+
 @torch.no_grad()
 def check_input(model: nn.Module, in_shape, num_classes: int, device, field: str, name: str, data: str) -> None:
     """Refuse (UsageError) a model that cannot take the data's inputs or gives the wrong number of

@@ -47,7 +47,7 @@ from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_js
 from .data import DATASETS, Loaders, TensorLoader, make_loaders, user_loaders
 from .errors import UsageError, check, choice
 from .methods import BuildContext, Strategy, get_method
-from .models import MODELS, build_model, check_input
+from .models import MODELS, batchnorm_layers, build_model, check_input
 from .resume import check_resume_config
 from .runlock import RunLock
 from . import distributed as dist
@@ -243,11 +243,6 @@ def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device, preci
 
 
 @torch.no_grad()
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers of ``model`` that keep running statistics."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
 def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, batches: int, precision: str = "fp32",
                           channels_last: bool = False) -> bool:
     """Re-estimate every BatchNorm's running mean and variance as the plain average over the first

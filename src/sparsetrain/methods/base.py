@@ -175,7 +175,7 @@ class Method:
     build: Callable[[nn.Module, BuildContext], Strategy]
     lr: float = 0.1
     options: tuple[Option, ...] = field(default_factory=tuple)
-    check: Callable[[dict[str, Any]], None] | None = None     # checks across options (UsageError)
+    check: Callable[[dict[str, Any], set, str | None], None] | None = None   # checks across options (UsageError)
     # per built-in model: defaults that differ from the method's own ({"lr": ..., option: ...})
     model_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -195,7 +195,7 @@ class Method:
             k: v for k, v in self.model_defaults.get(model, {}).items() if k in own}}
         resolved = {k: o.check(given[k]) if given.get(k) is not None else defaults[k] for k, o in own.items()}
         if self.check is not None:
-            self.check(resolved, {k for k, v in given.items() if v is not None})
+            self.check(resolved, {k for k, v in given.items() if v is not None}, model)
         return resolved
 
 
@@ -216,8 +216,9 @@ SGD_LR = {"lr": 0.1, "model_defaults": {"vgg16": {"lr": 0.02}, "resnet56": {"lr"
 def register(name: str, help: str, lr: float = 0.1, options: tuple[Option, ...] = (), check=None,
              model_defaults: dict[str, dict[str, Any]] | None = None):
     """Decorator: register ``build(model, ctx) -> Strategy`` as method ``name`` (``check``: a
-    function of the resolved options and the set of names given explicitly that raises a
-    UsageError for a bad combination, and may adjust a default that does not fit the others;
+    function of the resolved options, the set of names given explicitly and the model's name
+    that raises a UsageError for a bad combination, and may adjust a default that does not fit
+    the others;
     ``model_defaults``: built-in model name -> defaults of its own, ``lr`` and options)."""
     def deco(build):
         METHODS[name] = Method(name, help, build, lr, tuple(options), check, dict(model_defaults or {}))

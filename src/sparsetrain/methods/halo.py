@@ -125,7 +125,7 @@ BUDGET_OPTIONS = ("halo_budget", "halo_squared")                  # the ψ|Σ|λ
 NO_BUDGET = ("lasso", "mcp", "shared-sq")
 
 
-def _check_options(o: dict, explicit: set = frozenset()) -> None:
+def _check_options(o: dict, explicit: set = frozenset(), model: str | None = None) -> None:
     """Refuse options this run would ignore (given explicitly, they would have no effect)."""
     variant = o["halo_variant"]
     for k in GRADUAL_OPTIONS:

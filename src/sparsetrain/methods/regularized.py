@@ -28,6 +28,7 @@ from torch import nn
 from .. import optim
 from ..errors import UsageError
 from ..init import ALLOCATIONS, sparse_init_
+from ..models import MODELS, batchnorm_layers, has_batchnorm
 from ..params import param_groups
 from ..regularizers import L1, make_regularizer
 from ..controller import DISTRIBUTIONS, BudgetController, SparsityController
@@ -180,7 +181,7 @@ def _check_controller(options: dict, explicit: set = frozenset(), lam_key: str =
 INIT_SHAPE_OPTIONS = ("init_scale", "init_bias_scale", "init_distribution")
 
 
-def _check_bregman(options: dict, explicit: set = frozenset()) -> None:
+def _check_bregman(options: dict, explicit: set = frozenset(), model: str | None = None) -> None:
     _check_controller(options, explicit)
     _check_init_density(options, explicit)
     ignored = [k for k in INIT_SHAPE_OPTIONS if k in explicit]
@@ -213,7 +214,7 @@ def _sparse_init(model, ctx: BuildContext) -> None:
 
 @register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", **SGD_LR,
           options=REG_OPTIONS + (momentum_option(0.9), distribution_option("global", DISTRIBUTIONS)),
-          check=_check_controller)
+          check=lambda options, explicit, model: _check_controller(options, explicit))
 def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
                         weight_decay=ctx.cfg.weight_decay)
@@ -291,7 +292,8 @@ BN_RECALIBRATION = 10    # batches, after every epoch (``--bn-recalibrate``)
               int_option("bn_recalibrate", None, "training batches over which BatchNorm running statistics are "
                          f"re-estimated after every epoch (default {BN_RECALIBRATION} on a model with BatchNorm; "
                          "0 = off)"),
-          ), check=_check_controller, model_defaults=XRDA_MODEL_DEFAULTS)
+          ), check=lambda options, explicit, model: _check_xrda(options, explicit, model),
+          model_defaults=XRDA_MODEL_DEFAULTS)
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
     reg = L1(o["lam"]) if o["distribution"] == "global" else (lambda *_: L1(o["lam"]))
@@ -304,15 +306,26 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
     return Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=_bn_recalibration(model, ctx))
 
 
+def _no_batchnorm(model: str) -> UsageError:
+    return ignored_option("bn_recalibrate", f"re-estimates BatchNorm statistics, and model {model} has no "
+                          f"BatchNorm layer that keeps running statistics", "0")
+
+
+def _check_xrda(options: dict, explicit: set, model: str | None) -> None:
+    """A built-in model is checked for BatchNorm here, before anything trains (``compare`` plans
+    every run first); a user's model when it is built (:func:`_bn_recalibration`)."""
+    _check_controller(options, explicit)
+    if options["bn_recalibrate"] and model in MODELS and not has_batchnorm(model):
+        raise _no_batchnorm(model)
+
+
 def _bn_recalibration(model, ctx: BuildContext) -> int:
     """``--bn-recalibrate``, filled in (config.json records it): BN_RECALIBRATION batches on a model
     with BatchNorm, 0 on one without, where an explicit count would do nothing and is refused."""
-    from ..trainer import batchnorm_layers             # lazy: the trainer imports the methods
     options = ctx.options
     given, has_norms = options["bn_recalibrate"], bool(batchnorm_layers(model))
     if given and not has_norms:
-        raise ignored_option("bn_recalibrate", f"re-estimates BatchNorm statistics, and model {ctx.cfg.model} "
-                             f"has no BatchNorm layer that keeps running statistics", "0")
+        raise _no_batchnorm(ctx.cfg.model)
     options["bn_recalibrate"] = (BN_RECALIBRATION if has_norms else 0) if given is None else given
     return options["bn_recalibrate"]
 
@@ -323,7 +336,7 @@ def _bn_recalibration(model, ctx: BuildContext) -> int:
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
-          ), check=lambda options, explicit: _check_controller(options, explicit, "c"))
+          ), check=lambda options, explicit, model: _check_controller(options, explicit, "c"))
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
