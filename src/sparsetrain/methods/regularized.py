@@ -277,6 +277,19 @@ XRDA_MODEL_DEFAULTS = {"vgg16": {"lr": 0.2}, "resnet56": {"lr": 0.5}}
 BN_RECALIBRATION = 10    # batches, after every epoch (``--bn-recalibrate``)
 
 
+def _no_batchnorm(model: str) -> UsageError:
+    return ignored_option("bn_recalibrate", f"re-estimates BatchNorm statistics, and model {model} has no "
+                          f"BatchNorm layer that keeps running statistics", "0")
+
+
+def _check_xrda(options: dict, explicit: set, model: str | None) -> None:
+    """A built-in model is checked for BatchNorm here, before anything trains (``compare`` plans
+    every run first); a user's model when it is built (:func:`_bn_recalibration`)."""
+    _check_controller(options, explicit)
+    if options["bn_recalibrate"] and model in MODELS and not has_batchnorm(model):
+        raise _no_batchnorm(model)
+
+
 @register("xrda", "extended RDA with adaptively reweighted ℓ1 (Siegel et al.)", lr=1.0,
           options=(
               nonnegative("lam", None, "regularization strength λ (fixed unless --sparsity is given)"),
@@ -292,8 +305,7 @@ BN_RECALIBRATION = 10    # batches, after every epoch (``--bn-recalibrate``)
               int_option("bn_recalibrate", None, "training batches over which BatchNorm running statistics are "
                          f"re-estimated after every epoch (default {BN_RECALIBRATION} on a model with BatchNorm; "
                          "0 = off)"),
-          ), check=lambda options, explicit, model: _check_xrda(options, explicit, model),
-          model_defaults=XRDA_MODEL_DEFAULTS)
+          ), check=_check_xrda, model_defaults=XRDA_MODEL_DEFAULTS)
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
     reg = L1(o["lam"]) if o["distribution"] == "global" else (lambda *_: L1(o["lam"]))
@@ -304,19 +316,6 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
                      milestones=[int(m * ctx.total_steps) for m in ctx.cfg.milestones])
     # s_k, α_k follow XRDA's own schedule
     return Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=_bn_recalibration(model, ctx))
-
-
-def _no_batchnorm(model: str) -> UsageError:
-    return ignored_option("bn_recalibrate", f"re-estimates BatchNorm statistics, and model {model} has no "
-                          f"BatchNorm layer that keeps running statistics", "0")
-
-
-def _check_xrda(options: dict, explicit: set, model: str | None) -> None:
-    """A built-in model is checked for BatchNorm here, before anything trains (``compare`` plans
-    every run first); a user's model when it is built (:func:`_bn_recalibration`)."""
-    _check_controller(options, explicit)
-    if options["bn_recalibrate"] and model in MODELS and not has_batchnorm(model):
-        raise _no_batchnorm(model)
 
 
 def _bn_recalibration(model, ctx: BuildContext) -> int:
