@@ -272,7 +272,8 @@ def build_adabreg(model, ctx: BuildContext) -> Strategy:
 # blew up in the first epoch as dense SGD at lr 0.1 does (loss 4.40, 12.8 %); at 0.05 and 0.1 (also
 # with M = 1 or 10) the λ controller's climb left no unit alive (final training loss 2.2, chance);
 # 0.2 reached 67.6 % (GMP 66.5 %) with the BatchNorm recalibration. ResNet-56, whose SGD lr 0.1 starts
-# badly (SGD_LR), gave 28.5 % at s₀ = 1, 48.0 % at 0.5, 35.1 % at 0.25 (same budget, 98 %): s₀ 0.5.
+# badly (SGD_LR), gave 28.5 % at s₀ = 1, 48.0 % at 0.5, 35.1 % at 0.25 (same budget, 98 %; seed 1:
+# 11.0 % at 1, 37.5 % at 0.5): s₀ 0.5.
 XRDA_MODEL_DEFAULTS = {"vgg16": {"lr": 0.2}, "resnet56": {"lr": 0.5}}
 BN_RECALIBRATION = 10    # batches, after every epoch (``--bn-recalibrate``)
 
