@@ -170,7 +170,8 @@ BREGMAN_OPTIONS = REG_OPTIONS + (
 CONTROLLER_OPTIONS = ("ramp", "distribution")   # shape the λ controller: used only under a target sparsity
 
 
-def _check_controller(options: dict, explicit: set = frozenset(), lam_key: str = "lam") -> None:
+def _check_controller(options: dict, explicit: set = frozenset(), model: str | None = None,
+                      lam_key: str = "lam") -> None:
     """``--ramp`` / ``--distribution`` shape the λ controller; a fixed λ (no target) has none."""
     given = [k for k in CONTROLLER_OPTIONS if k in explicit]
     if given and _target_sparsity(options, lam_key) is None:
@@ -214,7 +215,7 @@ def _sparse_init(model, ctx: BuildContext) -> None:
 
 @register("proxsgd", "proximal SGD with momentum on an ℓ1 (or group) penalty", **SGD_LR,
           options=REG_OPTIONS + (momentum_option(0.9), distribution_option("global", DISTRIBUTIONS)),
-          check=lambda options, explicit, model: _check_controller(options, explicit))
+          check=_check_controller)
 def build_proxsgd(model, ctx: BuildContext) -> Strategy:
     opt = optim.ProxSGD(_groups(model, ctx), lr=ctx.cfg.lr, momentum=ctx.options["momentum"],
                         weight_decay=ctx.cfg.weight_decay)
@@ -336,7 +337,7 @@ def _bn_recalibration(model, ctx: BuildContext) -> int:
               Option("mu", float, 0.51, "threshold exponent μ", "in (0.5, 1)", lambda v: 0.5 < v < 1),
               regex_option("exclude", "regex of layer names kept dense and unregularized"),
               TARGET, RAMP,
-          ), check=lambda options, explicit, model: _check_controller(options, explicit, "c"))
+          ), check=lambda options, explicit, model: _check_controller(options, explicit, model, "c"))
 def build_grda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, "c")
     groups = param_groups(model, L1(o["c"]), exclude=o["exclude"] or None)
