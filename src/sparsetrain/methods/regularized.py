@@ -305,8 +305,8 @@ def _check_xrda(options: dict, explicit: set, model: str | None) -> None:
               TARGET, RAMP,
               distribution_option("global", DISTRIBUTIONS),
               int_option("bn_recalibrate", None, "training batches over which BatchNorm running statistics are "
-                         f"re-estimated after every epoch (default {BN_RECALIBRATION} on a model with BatchNorm; "
-                         "0 = off)"),
+                         f"re-estimated after every epoch, at most one epoch's (default {BN_RECALIBRATION} on a model "
+                         "with BatchNorm; 0 = off)"),
           ), check=_check_xrda, model_defaults=XRDA_MODEL_DEFAULTS)
 def build_xrda(model, ctx: BuildContext) -> Strategy:
     o = _target(ctx.options, start=XRDA_START_LAM)
