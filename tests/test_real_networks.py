@@ -250,6 +250,24 @@ def test_bn_recalibrate_is_filled_in_per_model_and_refused_where_nothing_has_bat
     assert rc == 2 and not (out / "runs").exists()
 
 
+def test_a_run_saved_with_the_old_bn_recalibrate_default_resumes_where_it_did_nothing(idx_dir, tmp_path):
+    """Before the per-model default, every xRDA run saved bn_recalibrate 10, a no-op on LeNet-5;
+    now 0 is filled in there and 10 is refused, so such a run could not be resumed at all. On a
+    model with BatchNorm the count does act, and a different one is still refused."""
+    from sparsetrain.checkpoint import load_checkpoint, save_checkpoint
+    small = ["--method", "xrda", "--sparsity", "0.5", "--data-dir", str(idx_dir), "--batch-size", "32",
+             "--train-subset", "64", "--test-subset", "32", "--no-progress"]
+    for model, resumes in (("lenet5", True), ("resnet20", False)):
+        out = tmp_path / model
+        assert main(["train", "--model", model, "--epochs", "1", "--out", str(out), *small]) == 0
+        ck = load_checkpoint(out / "checkpoint.pt")
+        ck["config"]["options"]["bn_recalibrate"] = 7     # what an older sparsetrain wrote
+        save_checkpoint(ck, out / "checkpoint.pt")
+        rc = main(["train", "--model", model, "--epochs", "2", "--out", str(out), "--resume", *small])
+        assert rc == (0 if resumes else 2)
+        assert json.loads((out / "summary.json").read_text())["epochs"] == (2 if resumes else 1)
+
+
 def test_halo_reaches_its_target_without_a_cliff(idx_dir, tmp_path):
     out = tmp_path / "h"
     assert main(["train", "--method", "halo", "--sparsity", "0.95", "--data-dir", str(idx_dir), "--epochs", "4",

@@ -26,14 +26,15 @@ def changeable_flags() -> str:
                      for k in RESUME_MAY_CHANGE if k not in ("out", "resume"))
 
 
-def check_resume_config(cfg: "TrainConfig", old: dict, out) -> None:
+def check_resume_config(cfg: "TrainConfig", old: dict, out, inert=()) -> None:
     """Refuse a ``--resume`` whose settings differ from the saved run's (bar RESUME_MAY_CHANGE),
     naming the flag and both values: a changed --sparsity or --lr would otherwise silently change
-    the run half-way (or be ignored while config.json records it)."""
+    the run half-way (or be ignored while config.json records it). Options in ``inert`` do nothing
+    on this run's model, so a saved value for them is not compared."""
     new = cfg.to_dict()
     pairs = [(k, new[k], old[k]) for k in new if k not in RESUME_MAY_CHANGE and k != "options" and k in old]
     old_opts = old.get("options") if isinstance(old.get("options"), dict) else {}
-    pairs += [(k, v, old_opts.get(k)) for k, v in cfg.options.items() if "options" in old]
+    pairs += [(k, v, old_opts.get(k)) for k, v in cfg.options.items() if "options" in old and k not in inert]
     for key, now, before in pairs:
         if _normal(now) != _normal(before):
             flag = "--" + key.replace("_", "-")

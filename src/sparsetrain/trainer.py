@@ -425,7 +425,7 @@ class Trainer:
                 return
             ck = load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
             old = ck.get("config", {})
-            check_resume_config(self.cfg, old if isinstance(old, dict) else {}, self.out)
+            check_resume_config(self.cfg, old if isinstance(old, dict) else {}, self.out, self.strategy.inert)
             done = ck.get("epoch")
             if isinstance(done, int) and done > self.epochs:
                 raise UsageError(f"--resume: --epochs {self.cfg.epochs} is fewer than the {done} epochs the run in "

@@ -124,10 +124,12 @@ class Strategy:
     ``schedules_lr = True`` tells the trainer that the optimizer follows its own step-size
     schedule (xRDA), so the trainer's learning-rate schedule stays constant. ``bn_recalibration
     = N > 0``: after every epoch the trainer re-estimates the BatchNorm statistics over N training
-    batches (:func:`sparsetrain.trainer.recalibrate_batchnorm`)."""
+    batches (:func:`sparsetrain.trainer.recalibrate_batchnorm`). ``inert``: options whose value
+    does nothing on this model (``--resume`` does not compare them with the saved run's)."""
 
     schedules_lr = False
     bn_recalibration = 0
+    inert: frozenset[str] = frozenset()
     saved: tuple[str, ...] = ()      # plain attributes that state_dict() checkpoints and load_state_dict() restores
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):

@@ -317,7 +317,10 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
                      total_steps=ctx.total_steps, weight_decay=ctx.cfg.weight_decay,
                      milestones=[int(m * ctx.total_steps) for m in ctx.cfg.milestones])
     # s_k, α_k follow XRDA's own schedule
-    return Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=_bn_recalibration(model, ctx))
+    strategy = Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=_bn_recalibration(model, ctx))
+    if not batchnorm_layers(model):    # a run saved before 0 became the default there holds 10
+        strategy.inert = frozenset({"bn_recalibrate"})
+    return strategy
 
 
 def _bn_recalibration(model, ctx: BuildContext) -> int:
