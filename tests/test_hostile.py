@@ -433,3 +433,27 @@ def test_conv_nets_benchmark_fails_on_a_flagged_cell(accuracy, sparsity, code, t
     assert bench.cli() == code
     err = capsys.readouterr().err
     assert ("cell(s) flagged: lenet5 halo 90 %" in err) == (code == 1)
+
+
+
+def test_mask_transplant_trains_the_mask_of_a_run_and_refuses_what_is_not_a_run(idx_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """benchmarks/mask_transplant.py: a run's support trained again from a fresh init (README,
+    LeNet-300-100 at 98 %)."""
+    import importlib.util
+    import sys
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mask_transplant.py"
+    spec = importlib.util.spec_from_file_location("mask_transplant_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "gmp"
+    assert main(["train", "--method", "gmp", "--sparsity", "0.9", "--data-dir", str(idx_dir), "--epochs", "1",
+                 "--train-subset", "128", "--out", str(run), "--no-progress"]) == 0
+    row = bench.train_mask(run, lr=0.1, epochs=1, seed=0)
+    assert row["method"] == "gmp" and abs(row["density"] - 0.1) < 1e-3 and 0 <= row["mask_accuracy"] <= 1
+    capsys.readouterr()
+    for bad in (tmp_path / "nothing", idx_dir):
+        monkeypatch.setattr(sys, "argv", ["mask_transplant.py", str(bad)])
+        assert bench.main() == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mask_transplant: error: ") and "\n" not in err
