@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sparsetrain.checkpoint import load_checkpoint
 from sparsetrain.data import make_loaders
+from sparsetrain.errors import UsageError
 from sparsetrain.models import MODELS, build_model
 from sparsetrain.params import prunable_weights
 from sparsetrain.trainer import evaluate, seed_everything
@@ -87,7 +88,11 @@ def main() -> int:
     print("| run | method | density | run's accuracy (%) | mask from scratch (%) | Δ vs first mask | train loss |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for run in args.runs:
-        r = train_mask(run, args.lr, args.epochs, args.seed)
+        try:
+            r = train_mask(run, args.lr, args.epochs, args.seed)
+        except UsageError as e:              # e.g. the run's --data-dir is gone
+            print(f"mask_transplant: error: {run}: {e}", file=sys.stderr)
+            return 2
         rows.append(r)
         print(f"| {run.name} | {r['method']} | {r['density']:.4f} | {100 * r['run_accuracy']:.2f} | "
               f"{100 * r['mask_accuracy']:.2f} | {100 * (r['mask_accuracy'] - rows[0]['mask_accuracy']):+.2f} | "

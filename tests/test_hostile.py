@@ -452,7 +452,11 @@ def test_mask_transplant_trains_the_mask_of_a_run_and_refuses_what_is_not_a_run(
     row = bench.train_mask(run, lr=0.1, epochs=1, seed=0)
     assert row["method"] == "gmp" and abs(row["density"] - 0.1) < 1e-3 and 0 <= row["mask_accuracy"] <= 1
     capsys.readouterr()
-    for bad in (tmp_path / "nothing", idx_dir):
+    moved = tmp_path / "moved"                 # a run whose data directory is gone
+    shutil.copytree(run, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**cfg, "data_dir": str(tmp_path / "gone")}))
+    for bad in (tmp_path / "nothing", idx_dir, moved):
         monkeypatch.setattr(sys, "argv", ["mask_transplant.py", str(bad)])
         assert bench.main() == 2
         err = capsys.readouterr().err.strip()
