@@ -1,13 +1,17 @@
 """How good is the support a method found, apart from how it trained it? (a diagnostic, not a test)
 
 For each finished run directory, the mask of its final Linear/Conv weights (w ≠ 0) is trained
-again from a fresh dense init of the same model, restricted to the mask, with one fixed recipe
-for every run (SGD, momentum 0.9, cosine lr; the run's data, subsets, batch size and epochs). The same
-mask-and-recipe pairing for every method separates the quality of a method's *support* from the
-quality of its *training*: the table gives the run's own accuracy next to the mask's from-scratch
-accuracy and the gap to the first run's mask. Built-in models, on the CPU.
+again from a fresh init of the same model, restricted to the mask, with one fixed recipe for
+every run (SGD, momentum 0.9, cosine lr; the run's data, subsets, batch size and epochs). The
+same recipe on every method's mask separates the quality of its *support* from the quality of
+its *training*. The fresh init is rescaled per output unit (``--init per-unit``, the default:
+row i of a weight times √(fan_in / kept_i)); with the dense init (``--init dense``) a mask that
+spreads a few weights over every unit starts with a weaker signal than one that concentrates
+them, and the comparison measures that too. The table gives the run's own accuracy, the mask's
+from-scratch accuracy and its gap to the first run's mask. Built-in models, on the CPU.
 
     python benchmarks/mask_transplant.py RUN_DIR [RUN_DIR ...] [--lr 0.1] [--epochs N] [--seed 0]
+        [--init per-unit|dense]
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from sparsetrain.params import prunable_weights
 from sparsetrain.trainer import evaluate, seed_everything
 
 
-def train_mask(run: Path, lr: float, epochs: int | None, seed: int) -> dict:
+def train_mask(run: Path, lr: float, epochs: int | None, seed: int, init: str = "per-unit") -> dict:
     """Train the mask of ``run``'s final weights from a fresh init; returns the row of the table."""
     cfg = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
@@ -38,6 +42,11 @@ def train_mask(run: Path, lr: float, epochs: int | None, seed: int) -> dict:
     seed_everything(seed)
     model = build_model(cfg["model"], tuple(loaders.info.in_shape), loaders.info.num_classes)
     masks = [(w, (state[name] != 0).to(w.dtype)) for name, w in prunable_weights(model)]
+    if init == "per-unit":
+        with torch.no_grad():
+            for w, m in masks:     # each output unit: the dense init's pre-activation variance
+                kept = m.flatten(1).sum(1).clamp(min=1)
+                w.mul_((m[0].numel() / kept).sqrt().view(-1, *[1] * (w.dim() - 1)))
     epochs = epochs or cfg["epochs"]
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loaders.train))
@@ -72,6 +81,10 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=None, help="default: each run's own")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", choices=("per-unit", "dense"), default="per-unit",
+                    help="per-unit: each unit's kept weights scaled by sqrt(fan-in / kept), so a mask that "
+                         "spreads few weights over many units starts with the signal of one that concentrates "
+                         "them; dense: the model's dense init, masked")
     args = ap.parse_args()
     for run in args.runs:
         missing = [f for f in ("config.json", "summary.json", "checkpoint.pt") if not (run / f).is_file()]
@@ -89,7 +102,7 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|---:|")
     for run in args.runs:
         try:
-            r = train_mask(run, args.lr, args.epochs, args.seed)
+            r = train_mask(run, args.lr, args.epochs, args.seed, args.init)
         except UsageError as e:              # e.g. the run's --data-dir is gone
             print(f"mask_transplant: error: {run}: {e}", file=sys.stderr)
             return 2
