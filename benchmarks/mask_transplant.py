@@ -29,6 +29,7 @@ from sparsetrain.data import make_loaders
 from sparsetrain.errors import UsageError
 from sparsetrain.models import MODELS, build_model
 from sparsetrain.params import prunable_weights
+from sparsetrain.pruning import Mask
 from sparsetrain.trainer import evaluate, seed_everything
 
 
@@ -41,37 +42,33 @@ def train_mask(run: Path, lr: float, epochs: int | None, seed: int, init: str = 
                            cfg.get("train_subset"), cfg.get("test_subset"))
     seed_everything(seed)
     model = build_model(cfg["model"], tuple(loaders.info.in_shape), loaders.info.num_classes)
-    masks = [(w, (state[name] != 0).to(w.dtype)) for name, w in prunable_weights(model)]
+    mask = Mask(model, {name: state[name] != 0 for name, _ in prunable_weights(model)})
     if init == "per-unit":
         with torch.no_grad():
-            for w, m in masks:     # each output unit: the dense init's pre-activation variance
-                kept = m.flatten(1).sum(1).clamp(min=1)
-                w.mul_((m[0].numel() / kept).sqrt().view(-1, *[1] * (w.dim() - 1)))
+            for name, w in mask.params.items():   # each output unit: the dense init's pre-activation variance
+                kept = mask.masks[name].flatten(1).sum(1).clamp(min=1)
+                w.mul_((w[0].numel() / kept).sqrt().view(-1, *[1] * (w.dim() - 1)))
+    mask.apply()
     epochs = epochs or cfg["epochs"]
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loaders.train))
-    t0, total, seen = time.time(), 0.0, 0
+    t0 = time.time()
     for epoch in range(epochs):
         loaders.train.set_epoch(epoch)
         model.train()
-        total, seen = 0.0, 0
+        total, seen = torch.zeros(()), 0          # the last epoch's mean training loss
         for x, y in loaders.train:
-            with torch.no_grad():
-                for w, m in masks:
-                    w.mul_(m)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
+            mask.mask_grads()                      # pruned weights (and their momentum) stay 0
             opt.step()
             sched.step()
-            total, seen = total + loss.item() * len(y), seen + len(y)
-    with torch.no_grad():
-        for w, m in masks:
-            w.mul_(m)
+            total, seen = total + loss.detach() * len(y), seen + len(y)
     test_loss, test_acc = evaluate(model, loaders.test, torch.device("cpu"))
-    density = sum(float(m.sum()) for _, m in masks) / sum(m.numel() for _, m in masks)
+    density = 1.0 - mask.sparsity()
     return {"run": str(run), "method": cfg["method"], "density": density, "run_accuracy": summary["test_accuracy"],
-            "mask_accuracy": test_acc, "mask_train_loss": total / max(seen, 1), "mask_test_loss": test_loss,
+            "mask_accuracy": test_acc, "mask_train_loss": float(total) / max(seen, 1), "mask_test_loss": test_loss,
             "seconds": time.time() - t0}
 
 

@@ -247,10 +247,10 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, batche
                           channels_last: bool = False) -> None:
     """Re-estimate every BatchNorm's running mean and variance as the plain average over the first
     ``batches`` batches of ``loader`` (train-mode forward passes, no gradient, weights untouched);
-    nothing happens for ``batches`` 0 or a model without BatchNorm. During training the statistics are an EMA (momentum
-    0.1, ≈ the last 10 steps); where a λ controller rescales every weight from step to step
-    (xRDA's w = S_λT(z)) they lag the weights, and the lag compounds over stacked BatchNorm layers
-    (xRDA on ResNet-20 at 98 %: 42.7 % evaluated with them, 67.6 % recalibrated)."""
+    nothing happens for ``batches`` 0 or a model without BatchNorm. During training the statistics
+    are an EMA (momentum 0.1, ≈ the last 10 steps); where a λ controller rescales every weight from
+    step to step (xRDA's w = S_λT(z)) they lag the weights, and the lag compounds over stacked
+    BatchNorm layers (xRDA on ResNet-20 at 98 %: 42.7 % evaluated with them, 67.6 % recalibrated)."""
     norms = batchnorm_layers(model) if batches > 0 else []
     if not norms:
         return

@@ -317,17 +317,18 @@ def build_xrda(model, ctx: BuildContext) -> Strategy:
                      total_steps=ctx.total_steps, weight_decay=ctx.cfg.weight_decay,
                      milestones=[int(m * ctx.total_steps) for m in ctx.cfg.milestones])
     # s_k, α_k follow XRDA's own schedule
-    strategy = Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=_bn_recalibration(model, ctx))
-    if not batchnorm_layers(model):    # a run saved before 0 became the default there holds 10
+    has_norms = bool(batchnorm_layers(model))
+    strategy = Regularized(model, opt, ctx, schedules_lr=True, bn_recalibration=_bn_recalibration(ctx, has_norms))
+    if not has_norms:    # the count does nothing here (a run saved before 0 became the default holds 10)
         strategy.inert = frozenset({"bn_recalibrate"})
     return strategy
 
 
-def _bn_recalibration(model, ctx: BuildContext) -> int:
+def _bn_recalibration(ctx: BuildContext, has_norms: bool) -> int:
     """``--bn-recalibrate``, filled in (config.json records it): BN_RECALIBRATION batches on a model
     with BatchNorm, 0 on one without, where an explicit count would do nothing and is refused."""
     options = ctx.options
-    given, has_norms = options["bn_recalibrate"], bool(batchnorm_layers(model))
+    given = options["bn_recalibrate"]
     if given and not has_norms:
         raise _no_batchnorm(ctx.cfg.model)
     options["bn_recalibrate"] = (BN_RECALIBRATION if has_norms else 0) if given is None else given
