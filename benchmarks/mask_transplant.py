@@ -83,6 +83,10 @@ def main() -> int:
                          "spreads few weights over many units starts with the signal of one that concentrates "
                          "them; dense: the model's dense init, masked")
     args = ap.parse_args()
+    for name, value in (("--lr", args.lr), ("--epochs", args.epochs)):
+        if value is not None and not value > 0:      # (NaN fails too)
+            print(f"mask_transplant: error: {name}: {value} is not > 0; allowed: a number > 0", file=sys.stderr)
+            return 2
     for run in args.runs:
         missing = [f for f in ("config.json", "summary.json", "checkpoint.pt") if not (run / f).is_file()]
         if missing:

@@ -456,8 +456,9 @@ def test_mask_transplant_trains_the_mask_of_a_run_and_refuses_what_is_not_a_run(
     shutil.copytree(run, moved)
     cfg = json.loads((moved / "config.json").read_text())
     (moved / "config.json").write_text(json.dumps({**cfg, "data_dir": str(tmp_path / "gone")}))
-    for bad in (tmp_path / "nothing", idx_dir, moved):
-        monkeypatch.setattr(sys, "argv", ["mask_transplant.py", str(bad)])
+    for argv in ([str(tmp_path / "nothing")], [str(idx_dir)], [str(moved)], [str(run), "--epochs", "0"],
+                 [str(run), "--lr", "nan"]):
+        monkeypatch.setattr(sys, "argv", ["mask_transplant.py", *argv])
         assert bench.main() == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("mask_transplant: error: ") and "\n" not in err
